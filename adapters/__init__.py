@@ -1,0 +1,1 @@
+"""Named adapter presets (YAML) and their cards (Markdown); installed as `peft_vlm.adapters`."""

@@ -1,0 +1,36 @@
+"""peft_vlm: parameter-efficient fine-tuning that turns a frozen LLaMA-class LM and a frozen vision encoder into a
+vision-language model.
+
+    import peft_vlm as pv
+    model = pv.VisionLanguageModel.from_pretrained("path/to/lm", vision="ViT-L-14", connector="mlp2x_gelu")
+    pv.apply(model, peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    print(pv.trainable_summary(model))
+"""
+__version__ = "0.1.0"
+
+from peft_vlm.errors import (  # noqa: E402
+    AdapterFileError,
+    AdapterMismatchError,
+    ConfigError,
+    IncompatibleMethodsError,
+    ModelLoadError,
+    NotMergeableError,
+    PeftVlmError,
+    UnknownMethodError,
+)
+from peft_vlm.plugins import Method, apply, available_methods, merge, register, unmerge  # noqa: E402
+from peft_vlm.presets import available_presets  # noqa: E402
+from peft_vlm.routing import token_types  # noqa: E402
+from peft_vlm.summary import trainable_summary  # noqa: E402
+from peft_vlm.adapter_file import describe_adapter, load_adapter, save_adapter  # noqa: E402
+from peft_vlm.connectors import available_connectors, register_connector  # noqa: E402
+from peft_vlm.model import VisionLanguageModel  # noqa: E402
+from peft_vlm.methods.lora import export_peft  # noqa: E402
+
+__all__ = [
+    "AdapterFileError", "AdapterMismatchError", "ConfigError", "IncompatibleMethodsError", "Method",
+    "ModelLoadError", "NotMergeableError", "PeftVlmError", "UnknownMethodError", "VisionLanguageModel", "apply",
+    "available_connectors", "available_methods", "available_presets", "describe_adapter", "export_peft",
+    "load_adapter", "merge", "register", "register_connector", "save_adapter", "token_types", "trainable_summary",
+    "unmerge",
+]

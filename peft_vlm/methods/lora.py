@@ -1,0 +1,92 @@
+"""LoRA and QLoRA through peft: `pv.apply(model, peft.LoraConfig(...))`.
+
+peft's LoRA layers are injected into the language model only (never into the vision tower or the connector, which
+`target_modules` would otherwise also match by name). On a 4-bit base this is QLoRA. The injected weights can also be
+exported in peft's own format and loaded with `peft.PeftModel.from_pretrained` on the bare language model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any
+
+import peft
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import save_file
+from torch import nn
+
+from peft_vlm.errors import PeftVlmError
+from peft_vlm.plugins import Method, language_model_of, register
+from peft_vlm.state import state_of
+
+ADAPTER_NAME = "default"
+
+
+def is_quantized(language_model: nn.Module) -> bool:
+    return bool(getattr(language_model, "is_loaded_in_4bit", False) or getattr(language_model, "is_loaded_in_8bit", False))
+
+
+@register
+class LoraMethod(Method):
+    name = "lora"
+    config_class = peft.LoraConfig
+
+    def attach(self, model: nn.Module, language_model: nn.Module) -> dict[str, list[nn.Parameter]]:
+        before = {id(p): p.requires_grad for p in language_model.parameters()}
+        try:
+            peft.inject_adapter_in_model(self.config, language_model, adapter_name=ADAPTER_NAME)
+        except ValueError as error:  # peft names the target modules it could not find
+            raise PeftVlmError(f"LoRA could not be applied to the language model: {error}") from None
+        added = [p for p in language_model.parameters() if p.requires_grad and not before.get(id(p), False)]
+        return {"language": added}
+
+    def _lora_layers(self, model: nn.Module) -> list[LoraLayer]:
+        return [m for m in language_model_of(model).modules() if isinstance(m, LoraLayer)]
+
+    def merge(self, model: nn.Module) -> None:
+        if is_quantized(language_model_of(model)):
+            warnings.warn("LoRA stays unmerged: merging into 4-bit weights would re-quantize them (lossy)", stacklevel=3)
+            return
+        for layer in self._lora_layers(model):
+            layer.merge(adapter_names=[ADAPTER_NAME])
+
+    def unmerge(self, model: nn.Module) -> None:
+        for layer in self._lora_layers(model):
+            if layer.merged:
+                layer.unmerge()
+
+    def config_to_dict(self) -> dict[str, Any]:
+        values = self.config.to_dict()
+        return json.loads(json.dumps(values, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+
+    @classmethod
+    def config_from_dict(cls, values: dict[str, Any]) -> peft.LoraConfig:
+        values = {k: v for k, v in values.items() if k not in ("peft_type", "task_type", "revision")}
+        try:
+            return peft.LoraConfig(**values)
+        except TypeError as error:
+            raise PeftVlmError(f"invalid LoRA options: {error}") from None
+
+
+def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write the LoRA weights as `adapter_config.json` + `adapter_model.safetensors`, loadable with plain peft.
+
+    `peft.PeftModel.from_pretrained(bare_language_model, directory)` then gives the same logits as this model's
+    language model.
+    """
+    entries = [e for e in state_of(model).methods() if e.name == LoraMethod.name]
+    if not entries:
+        raise PeftVlmError("export_peft: no LoRA method is applied to this model")
+    language_model = language_model_of(model)
+    weights = peft.get_peft_model_state_dict(language_model, adapter_name=ADAPTER_NAME)
+    os.makedirs(directory, exist_ok=True)
+    config = entries[0].config
+    config.base_model_name_or_path = getattr(language_model, "name_or_path", None)
+    config.save_pretrained(directory)
+    # PeftModel stores weights under its own wrapper prefix.
+    save_file(
+        {f"base_model.model.{name}": tensor.detach().cpu().contiguous() for name, tensor in weights.items()},
+        os.path.join(directory, "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )

@@ -1,0 +1,61 @@
+"""Prompt text and token ids: chat formatting, image placeholders, answer-only labels, left padding.
+
+Images enter a prompt at a placeholder string (`<image>`). The text around each placeholder is tokenized on its own
+and the placeholder becomes a run of `IMAGE_TOKEN_ID` sentinels, one per visual token, so no token is added to the
+vocabulary of the frozen language model.
+"""
+from __future__ import annotations
+
+import torch
+
+IMAGE_PLACEHOLDER = "<image>"
+IMAGE_TOKEN_ID = -200  # never a real token id; replaced by visual tokens before the language model runs
+IGNORE_INDEX = -100  # label of positions that carry no loss
+
+# Used when the tokenizer has no chat template of its own (documented in the README).
+BUILTIN_TEMPLATE = "USER: {prompt}\nASSISTANT:"
+
+
+def format_chat(tokenizer, prompt: str, use_chat_template: bool = True) -> str:
+    """The user turn plus the generation prompt of the assistant turn, as text."""
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return BUILTIN_TEMPLATE.format(prompt=prompt)
+
+
+def with_placeholders(prompt: str, num_images: int) -> str:
+    """Put one placeholder per image in front of a prompt that has none (LLaVA's layout)."""
+    if num_images and IMAGE_PLACEHOLDER not in prompt:
+        return IMAGE_PLACEHOLDER * num_images + "\n" + prompt
+    return prompt
+
+
+def leading_special_ids(tokenizer) -> list[int]:
+    """Ids the tokenizer puts before any text (e.g. LLaMA's BOS); empty for tokenizers that add none."""
+    ids = tokenizer("", add_special_tokens=True)["input_ids"]
+    return [i for i in ids if i in tokenizer.all_special_ids]
+
+
+def tokenize_with_images(tokenizer, text: str, tokens_per_image: int, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of `text`, each placeholder expanded to `tokens_per_image` IMAGE_TOKEN_ID sentinels."""
+    ids = list(leading_special_ids(tokenizer)) if add_special_tokens else []
+    chunks = text.split(IMAGE_PLACEHOLDER)
+    for index, chunk in enumerate(chunks):
+        if index:
+            ids.extend([IMAGE_TOKEN_ID] * tokens_per_image)
+        if chunk:
+            ids.extend(tokenizer(chunk, add_special_tokens=False)["input_ids"])
+    return ids
+
+
+def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad to one length (generation continues at the right edge); returns ids and attention mask."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        if sequence:
+            ids[row, length - len(sequence):] = torch.tensor(sequence, dtype=torch.long)
+            mask[row, length - len(sequence):] = 1
+    return ids, mask

@@ -1,0 +1,70 @@
+"""Per-position token types (text or image) for the methods that treat image tokens differently.
+
+The vision-language model (or a user, through `token_types`) announces the token types of the sequence it is about
+to run; a forward pre-hook on the language model activates them for a call whose (batch, length) matches and clears
+them otherwise. During cached generation the prompt is one call that matches and every later step (new text tokens)
+does not, so methods see image positions in the prefill and plain text afterwards, without any change to the
+language model's own code.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from peft_vlm.state import state_of
+
+TEXT, IMAGE = 0, 1
+
+
+@dataclass
+class RoutingContext:
+    announced: torch.Tensor | None = None  # (batch, length) token types of the next matching call
+    token_types: torch.Tensor | None = None  # token types of the call running now, or None: all text
+    extras: dict[str, Any] = field(default_factory=dict)  # e.g. visual tokens for early fusion
+
+    def image_mask(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Boolean (batch, length) mask of image positions for `hidden` (batch, length, ...), or None if all text."""
+        types = self.token_types
+        if types is None or types.shape != hidden.shape[:2]:
+            return None
+        return types == IMAGE
+
+
+def _call_shape(args: tuple, kwargs: dict) -> torch.Size | None:
+    for tensor in (kwargs.get("inputs_embeds"), kwargs.get("input_ids"), args[0] if args else None):
+        if isinstance(tensor, torch.Tensor):
+            return tensor.shape[:2]
+    return None
+
+
+def install(model: nn.Module, language_model: nn.Module) -> RoutingContext:
+    """Give `model`'s adapter state a routing context fed by a pre-hook on `language_model` (idempotent)."""
+    state = state_of(model)
+    if state.context is None:
+        context = RoutingContext()
+
+        def activate(module, args, kwargs):
+            announced = context.announced
+            context.token_types = announced if announced is not None and announced.shape == _call_shape(args, kwargs) else None
+
+        language_model.register_forward_pre_hook(activate, with_kwargs=True)
+        state.context = context
+    return state.context
+
+
+@contextlib.contextmanager
+def token_types(model: nn.Module, types: torch.Tensor, **extras: Any):
+    """Run `model` (a bare language model with methods applied) with the given per-position token types."""
+    context = state_of(model).context
+    if context is None:
+        raise RuntimeError("token_types() needs a model that has methods applied with pv.apply")
+    previous = context.announced, context.extras
+    context.announced, context.extras = types, dict(extras)
+    try:
+        yield context
+    finally:
+        context.announced, context.extras = previous

@@ -1,0 +1,89 @@
+"""Tiny randomly initialised models built from configs: no hub, seconds on two CPU cores."""
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+CORPUS = [
+    "What is in the picture? A red circle. A blue square. A green triangle.",
+    "Is there a shape? Yes. No. The colour is red, blue, green, yellow, gray, black, teal, brown.",
+    "The capital of France is Paris. Describe the image in one sentence.",
+] * 4
+
+TINY_LM = dict(
+    vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+)
+CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+TINY_VIT = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 48, "patch_size": 8, "head_width": 24},
+    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator(CORPUS, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def make_lm(model_type: str = "llama", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    config = CONFIGS[model_type](**{**TINY_LM, **overrides})
+    config._attn_implementation = "sdpa"
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture
+def lm_factory():
+    return make_lm
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory):
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("open_clip")
+    path = folder / "test-tiny-vit.json"
+    path.write_text(json.dumps(TINY_VIT))
+    open_clip.add_model_config(str(path))
+    return "test-tiny-vit"
+
+
+@pytest.fixture
+def vlm_factory(tokenizer, tiny_vit):
+    import peft_vlm as pv
+
+    def build(model_type="llama", seed=0, connector="mlp2x_gelu", **overrides):
+        lm = make_lm(model_type, seed, **overrides)
+        torch.manual_seed(seed + 1)
+        return pv.VisionLanguageModel.from_pretrained(llm=lm, tokenizer=tokenizer, vision=tiny_vit, connector=connector).eval()
+
+    return build
+
+
+@pytest.fixture
+def images():
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(3, 32, 32, generator=generator) for _ in range(3)]
