@@ -27,7 +27,24 @@ from peft_vlm.connectors import available_connectors, register_connector  # noqa
 from peft_vlm.model import VisionLanguageModel  # noqa: E402
 from peft_vlm.methods.lora import export_peft  # noqa: E402
 
-__all__ = [
+# Method configs live with their methods; importing them lazily keeps `import peft_vlm` light and acyclic.
+_METHOD_CONFIGS = {
+    "AdaptionPromptConfig": "peft_vlm.methods.adaption_prompt",
+    "BiasScaleConfig": "peft_vlm.methods.bias_scale",
+    "EarlyFusionConfig": "peft_vlm.methods.early_fusion",
+    "VisualExpertConfig": "peft_vlm.methods.visual_expert",
+}
+
+
+def __getattr__(name):
+    if name in _METHOD_CONFIGS:
+        import importlib
+
+        return getattr(importlib.import_module(_METHOD_CONFIGS[name]), name)
+    raise AttributeError(f"module 'peft_vlm' has no attribute '{name}'")
+
+
+__all__ = [*_METHOD_CONFIGS,
     "AdapterFileError", "AdapterMismatchError", "ConfigError", "IncompatibleMethodsError", "Method",
     "ModelLoadError", "NotMergeableError", "PeftVlmError", "UnknownMethodError", "VisionLanguageModel", "apply",
     "available_connectors", "available_methods", "available_presets", "describe_adapter", "export_peft",

@@ -156,29 +156,40 @@ class VisionLanguageModel(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(images, 3, H, W) -> (images, tokens_per_image, hidden) visual tokens in the LM's embedding space."""
+        return self._encode(pixel_values)[1]
+
+    def _encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(patch tokens from the tower, visual tokens from the connector)."""
         tower_parameter = next(self.vision_tower.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and tower_parameter.requires_grad):
             patches = self.vision_tower(pixel_values.to(tower_parameter.device, tower_parameter.dtype))
-        connector_dtype = next(self.connector.parameters()).dtype
-        return self.connector(patches.to(connector_dtype))
+        return patches, self.connector(patches.to(next(self.connector.parameters()).dtype))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with the visual tokens spliced in at the IMAGE_TOKEN_ID positions."""
+        return self._embed(input_ids, pixel_values)[0]
+
+    def _embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        """(embeddings, routing extras): the extras give methods the images' patch and visual tokens."""
         image_positions = input_ids == IMAGE_TOKEN_ID
         embeddings = self.language_model.get_input_embeddings()(input_ids.masked_fill(image_positions, 0))
         num_slots = int(image_positions.sum())
         if pixel_values is None or len(pixel_values) == 0:
             if num_slots:
                 raise ConfigError(f"the input has {num_slots} image token slots but no pixel_values were given")
-            return embeddings
-        visual = self.encode_images(pixel_values)
+            return embeddings, {}
+        patches, visual = self._encode(pixel_values)
         if visual.shape[0] * visual.shape[1] != num_slots:
             raise ConfigError(
                 f"{visual.shape[0]} image(s) give {visual.shape[0] * visual.shape[1]} visual tokens "
                 f"but the input has {num_slots} image token slots"
             )
-        visual = visual.to(embeddings.dtype).reshape(-1, embeddings.shape[-1])
-        return embeddings.masked_scatter(image_positions.unsqueeze(-1), visual)
+        # Images are spliced in reading order, so image i belongs to the row holding its first slot.
+        slot_rows = image_positions.nonzero()[:, 0]
+        image_owner = slot_rows[:: visual.shape[1]]
+        extras = {"patch_tokens": patches, "visual_tokens": visual, "image_owner": image_owner}
+        flat = visual.to(embeddings.dtype).reshape(-1, embeddings.shape[-1])
+        return embeddings.masked_scatter(image_positions.unsqueeze(-1), flat), extras
 
     # -- text ------------------------------------------------------------------------------------------------------
     def tokenize(
@@ -238,11 +249,11 @@ class VisionLanguageModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(device)
-        embeddings = self.embed(input_ids, pixel_values)
+        embeddings, extras = self._embed(input_ids, pixel_values)
         token_types = (input_ids == IMAGE_TOKEN_ID).long()
         # Left padding: positions count real tokens only, as during generation.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        with routing.token_types(self, token_types):
+        with routing.token_types(self, token_types, **extras):
             return self.language_model(
                 inputs_embeds=embeddings,
                 attention_mask=attention_mask,
@@ -275,10 +286,10 @@ class VisionLanguageModel(nn.Module):
         device = self._lm_device()
         input_ids = input_ids.to(device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-        embeddings = self.embed(input_ids, pixel_values)
+        embeddings, extras = self._embed(input_ids, pixel_values)
         generation_options.setdefault("do_sample", False)
         generation_options.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        with routing.token_types(self, (input_ids == IMAGE_TOKEN_ID).long()):
+        with routing.token_types(self, (input_ids == IMAGE_TOKEN_ID).long(), **extras):
             return self.language_model.generate(
                 inputs_embeds=embeddings, attention_mask=attention_mask, **generation_options
             )

@@ -21,6 +21,10 @@ ENTRY_POINT_GROUP = "peft_vlm.methods"
 
 BUILTIN_METHODS = {
     "lora": "peft_vlm.methods.lora:LoraMethod",
+    "adaption_prompt": "peft_vlm.methods.adaption_prompt:AdaptionPromptMethod",
+    "bias_scale": "peft_vlm.methods.bias_scale:BiasScaleMethod",
+    "early_fusion": "peft_vlm.methods.early_fusion:EarlyFusionMethod",
+    "visual_expert": "peft_vlm.methods.visual_expert:VisualExpertMethod",
 }
 
 
@@ -89,7 +93,11 @@ def _ensure_loaded() -> None:
         return
     _loaded = True
     for name, reference in BUILTIN_METHODS.items():
-        _registry.setdefault(name, _load_reference(reference))
+        try:
+            _registry.setdefault(name, _load_reference(reference))
+        except ModuleNotFoundError as error:
+            if not error.name.startswith("peft_vlm.methods."):
+                raise
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):
         if entry_point.name not in _registry:
             _registry[entry_point.name] = entry_point.load()

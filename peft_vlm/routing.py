@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -24,7 +24,13 @@ TEXT, IMAGE = 0, 1
 class RoutingContext:
     announced: torch.Tensor | None = None  # (batch, length) token types of the next matching call
     token_types: torch.Tensor | None = None  # token types of the call running now, or None: all text
-    extras: dict[str, Any] = field(default_factory=dict)  # e.g. visual tokens for early fusion
+    # Set by the vision-language model for the whole call (prefill and every cached decoding step):
+    # "patch_tokens" (images, patches, vision width) from the tower, "visual_tokens" (images, tokens, hidden) from
+    # the connector, "image_owner" (images,) the batch row each image belongs to.
+    extras: dict[str, Any] = field(default_factory=dict)
+    # Functions (context, kwargs) -> None that may rewrite the language model's call arguments (e.g. position_ids)
+    # after the token types of the call are known. Methods append to this list when they attach.
+    call_transforms: list[Callable[["RoutingContext", dict], None]] = field(default_factory=list)
 
     def image_mask(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Boolean (batch, length) mask of image positions for `hidden` (batch, length, ...), or None if all text."""
@@ -50,6 +56,9 @@ def install(model: nn.Module, language_model: nn.Module) -> RoutingContext:
         def activate(module, args, kwargs):
             announced = context.announced
             context.token_types = announced if announced is not None and announced.shape == _call_shape(args, kwargs) else None
+            for transform in context.call_transforms:
+                transform(context, kwargs)
+            return args, kwargs
 
         language_model.register_forward_pre_hook(activate, with_kwargs=True)
         state.context = context
