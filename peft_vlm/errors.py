@@ -32,3 +32,14 @@ class ModelLoadError(PeftVlmError):
 
 class NotMergeableError(PeftVlmError):
     pass
+
+
+class DataError(PeftVlmError, ValueError):
+    """A data row or data file that cannot be trained on; names the file and row (`source`) and the `reason`."""
+
+    def __init__(self, source: str, reason: str, detail: str = ""):
+        self.source, self.reason, self.detail = source, reason, detail
+        super().__init__(f"{source}: {reason}" + (f" ({detail})" if detail else ""))
+
+    def __reduce__(self):  # DataLoader workers pickle errors; keep the three fields
+        return type(self), (self.source, self.reason, self.detail)
