@@ -87,6 +87,12 @@ def _load_reference(reference: str) -> type[Method]:
     return getattr(importlib.import_module(module_name), attribute)
 
 
+def _scan_entry_points() -> None:
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        if entry_point.name not in _registry:
+            _registry[entry_point.name] = entry_point.load()
+
+
 def _ensure_loaded() -> None:
     global _loaded
     if _loaded:
@@ -98,13 +104,13 @@ def _ensure_loaded() -> None:
         except ModuleNotFoundError as error:
             if not error.name.startswith("peft_vlm.methods."):
                 raise
-    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
-        if entry_point.name not in _registry:
-            _registry[entry_point.name] = entry_point.load()
+    _scan_entry_points()
 
 
 def available_methods() -> dict[str, type[Method]]:
+    """Every known method by name: built-ins, registered classes and installed `peft_vlm.methods` entry points."""
     _ensure_loaded()
+    _scan_entry_points()  # packages installed since the last look
     return dict(_registry)
 
 
