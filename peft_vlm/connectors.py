@@ -1,9 +1,11 @@
 """Connectors: project the vision tower's patch tokens into the language model's embedding space.
 
-Registered by name; `connector="mlp2x_gelu"` is LLaVA-1.5's projector, `"linear"` LLaVA-1's.
+Registered by name; `connector="mlp2x_gelu"` is LLaVA-1.5's projector, `"linear"` LLaVA-1's, `"downsample2x2_mlp"`
+CogVLM2's (a quarter of the visual tokens).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -47,6 +49,37 @@ class MlpConnector(Connector):
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         return self.mlp(patches)
+
+
+@register_connector("downsample2x2_mlp")
+class Downsample2x2MlpConnector(Connector):
+    """CogVLM2's connector (arXiv 2408.16500): each 2x2 block of neighbouring patch tokens becomes one token before
+    a two-layer GELU MLP, so an image costs a quarter of the visual tokens. Concatenating the block and projecting
+    it is CogVLM2's stride-2, 2x2 convolution written as the first linear layer."""
+
+    def __init__(self, vision_width: int, hidden_size: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(4 * vision_width, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
+
+    @staticmethod
+    def grid_side(num_patches: int) -> int:
+        side = math.isqrt(num_patches)
+        if side * side != num_patches or side % 2:
+            raise ConfigError(
+                f"connector 'downsample2x2_mlp' merges 2x2 blocks of a square patch grid with an even side; "
+                f"the vision tower gives {num_patches} patch tokens"
+            )
+        return side
+
+    def num_output_tokens(self, num_input_tokens: int) -> int:
+        return (self.grid_side(num_input_tokens) // 2) ** 2
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        images, num_patches, width = patches.shape
+        half = self.grid_side(num_patches) // 2
+        # (images, rows, cols, width) in row-major patch order -> one row per 2x2 block: its 4 tokens side by side
+        blocks = patches.reshape(images, half, 2, half, 2, width).permute(0, 1, 3, 2, 4, 5)
+        return self.mlp(blocks.reshape(images, half * half, 4 * width))
 
 
 def available_connectors() -> list[str]:
