@@ -32,6 +32,7 @@ _METHOD_CONFIGS = {
     "AdaptionPromptConfig": "peft_vlm.methods.adaption_prompt",
     "BiasScaleConfig": "peft_vlm.methods.bias_scale",
     "EarlyFusionConfig": "peft_vlm.methods.early_fusion",
+    "VisualQueryPromptConfig": "peft_vlm.methods.early_fusion",
     "VisualExpertConfig": "peft_vlm.methods.visual_expert",
 }
 

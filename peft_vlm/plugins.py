@@ -24,6 +24,7 @@ BUILTIN_METHODS = {
     "adaption_prompt": "peft_vlm.methods.adaption_prompt:AdaptionPromptMethod",
     "bias_scale": "peft_vlm.methods.bias_scale:BiasScaleMethod",
     "early_fusion": "peft_vlm.methods.early_fusion:EarlyFusionMethod",
+    "visual_query_prompt": "peft_vlm.methods.early_fusion:VisualQueryPromptMethod",
     "visual_expert": "peft_vlm.methods.visual_expert:VisualExpertMethod",
 }
 
