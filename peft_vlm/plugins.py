@@ -100,11 +100,7 @@ def _ensure_loaded() -> None:
         return
     _loaded = True
     for name, reference in BUILTIN_METHODS.items():
-        try:
-            _registry.setdefault(name, _load_reference(reference))
-        except ModuleNotFoundError as error:
-            if not error.name.startswith("peft_vlm.methods."):
-                raise
+        _registry.setdefault(name, _load_reference(reference))
     _scan_entry_points()
 
 
