@@ -59,3 +59,46 @@ def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
             ids[row, length - len(sequence):] = torch.tensor(sequence, dtype=torch.long)
             mask[row, length - len(sequence):] = 1
     return ids, mask
+
+
+def conversation_segments(tokenizer, messages: list[dict], use_chat_template: bool = True) -> list[tuple[str, bool]]:
+    """A whole conversation as consecutive text pieces; `True` marks an assistant answer, the text that carries loss.
+
+    With a chat template, each answer is what the template adds when the turn is appended to the conversation up to
+    its generation prompt, so answer spans come from the template itself rather than from searching the text. Its
+    trailing whitespace is template glue and stays unlabelled. A template that renders earlier turns differently
+    once later turns exist cannot be split this way and raises ValueError.
+
+    Without one, BUILTIN_TEMPLATE formats each user turn, answers follow it directly (as `format_chat` prompts for
+    at generation time), a system message goes first followed by a blank line, and turns are separated by newlines;
+    the caller ends each answer with EOS.
+    """
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        return _template_segments(tokenizer, messages)
+    segments, pending = [], ""
+    for message in messages:
+        if message["role"] == "system":
+            pending += message["content"] + "\n\n"
+        elif message["role"] == "user":
+            pending += ("\n" if segments else "") + BUILTIN_TEMPLATE.format(prompt=message["content"])
+        else:
+            segments += [(pending, False), (message["content"], True)]
+            pending = ""
+    return segments
+
+
+def _template_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
+    def render(turns, generation_prompt):
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+
+    segments, rendered = [], ""
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt, full = render(messages[:index], True), render(messages[: index + 1], False)
+        if not prompt.startswith(rendered) or not full.startswith(prompt):
+            raise ValueError(f"the chat template renders turn {index + 1} differently once later turns follow")
+        answer = full[len(prompt):].rstrip()
+        segments += [(prompt[len(rendered):], False), (answer, True)]
+        rendered = prompt + answer
+    return segments

@@ -1,0 +1,55 @@
+"""Examples -> one left-padded batch that `VisionLanguageModel.forward(**batch)` accepts.
+
+Left padding matches generation (prompts end at the right edge); the model derives position ids from the attention
+mask, so padding does not shift positions. Images are concatenated in example order, which is the reading order
+the model splices them in.
+"""
+from __future__ import annotations
+
+import torch
+
+from peft_vlm.data.report import Skipped
+from peft_vlm.errors import ConfigError
+from peft_vlm.prompting import IGNORE_INDEX, pad_left
+
+
+class Batch(dict):
+    """The model's inputs as dict items; where each row came from, and what was skipped, as attributes (so that
+    `model(**batch)` sees inputs only)."""
+
+    sources: list[str]
+    skipped: list
+    truncated: list[str]
+
+    @property
+    def num_answer_tokens(self) -> int:
+        return int((self["labels"] != IGNORE_INDEX).sum()) if len(self) else 0
+
+
+class Collator:
+    """`collate_fn` for a DataLoader over a SampleDataset; `Skipped` markers are dropped and listed in
+    `batch.skipped`. A batch of skipped rows only has no model inputs (`len(batch) == 0`)."""
+
+    def __init__(self, pad_token_id: int):
+        if pad_token_id is None:
+            raise ConfigError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its EOS token)")
+        self.pad_token_id = pad_token_id
+
+    @classmethod
+    def for_model(cls, model) -> "Collator":
+        return cls(model.tokenizer.pad_token_id)
+
+    def __call__(self, items: list) -> Batch:
+        examples = [item for item in items if not isinstance(item, Skipped)]
+        batch = Batch()
+        batch.skipped = [item.error for item in items if isinstance(item, Skipped)]
+        batch.sources = [example["source"] for example in examples]
+        batch.truncated = [example["source"] for example in examples if example.get("truncated")]
+        if not examples:
+            return batch
+        batch["input_ids"], batch["attention_mask"] = pad_left([e["input_ids"] for e in examples], self.pad_token_id)
+        batch["labels"], _ = pad_left([e["labels"] for e in examples], IGNORE_INDEX)
+        pixels = [e["pixel_values"] for e in examples if e.get("pixel_values") is not None]
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels)
+        return batch
