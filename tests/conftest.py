@@ -87,3 +87,16 @@ def vlm_factory(tokenizer, tiny_vit):
 def images():
     generator = torch.Generator().manual_seed(0)
     return [torch.randn(3, 32, 32, generator=generator) for _ in range(3)]
+
+
+LLAMA_7B = dict(
+    hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=32, vocab_size=32000,
+)
+
+
+@pytest.fixture
+def llama_7b_meta():
+    """LLaMA-7B's configuration built on the meta device: parameter counts without weights."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA_7B))
