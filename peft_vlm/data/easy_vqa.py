@@ -1,0 +1,122 @@
+"""easy-VQA (PyPI `easy-vqa`) as training data: 64x64 images of one coloured shape, questions with 13 one-word answers.
+
+- `instruction_samples(split)`: each question as a user turn about its image, the answer as the assistant turn.
+- `caption_samples(split)`: "A red circle." per image. easy-VQA ships no captions, so colour and shape are
+  read from the image's own questions: an open question answered with a colour or shape gives it directly (and
+  names the other attribute in its text: "what color is the circle?"), a yes/no question states that a colour
+  or shape is present or absent, and when all but one candidate is ruled out the last one is it. Images whose
+  colour or shape stays unknown get no caption (about 11%); `annotations` tells which.
+- `question_type(question)`: "color", "shape" or "yes/no", for per-type evaluation.
+- `text_only_ceiling()`: accuracy of answering each test question with the most common training answer to the same
+  question text, i.e. what a model that never looks at the image can reach.
+"""
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from collections import Counter, defaultdict
+from typing import NamedTuple
+
+from peft_vlm.data.formats import SampleList, caption_messages
+from peft_vlm.errors import ConfigError
+from peft_vlm.prompting import IMAGE_PLACEHOLDER
+
+COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+SHAPES = ("circle", "rectangle", "triangle")
+QUESTION_TYPES = ("color", "shape", "yes/no")
+SPLITS = ("train", "test")
+
+
+class Question(NamedTuple):
+    text: str
+    answer: str
+    image_id: int
+    image: str  # path of the PNG
+
+
+def _easy_vqa():
+    try:
+        import easy_vqa
+    except ImportError:
+        raise ConfigError("easy-VQA data needs the easy-vqa package: pip install 'peft_vlm[demo]'") from None
+    return easy_vqa
+
+
+@lru_cache(maxsize=None)
+def questions(split: str) -> tuple[Question, ...]:
+    if split not in SPLITS:
+        raise ConfigError(f"split={split!r} is not an easy-VQA split; use one of {', '.join(SPLITS)}")
+    easy_vqa = _easy_vqa()
+    texts, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
+    paths = getattr(easy_vqa, f"get_{split}_image_paths")()
+    return tuple(Question(t, a, i, paths[i]) for t, a, i in zip(texts, answers, image_ids))
+
+
+def question_type(question: str) -> str:
+    """easy-VQA's templates: yes/no questions start with "is"/"does"; open ones ask for a color or a shape."""
+    first = question.split(maxsplit=1)[0].lower() if question.strip() else ""
+    if first in ("is", "does", "are"):
+        return "yes/no"
+    return "color" if re.search(r"\bcolou?r\b", question.lower()) else "shape"
+
+
+def instruction_samples(split: str, limit: int | None = None) -> SampleList:
+    samples = [
+        {"messages": [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{q.text}"},
+                      {"role": "assistant", "content": q.answer}],
+         "images": [q.image], "source": f"easy-vqa {split}:question {number}"}
+        for number, q in enumerate(questions(split)[:limit], start=1)
+    ]
+    return SampleList(samples)
+
+
+def annotations(split: str) -> dict[int, tuple[str | None, str | None]]:
+    """image id -> (color, shape) derived from the image's questions; None where the questions do not decide it."""
+    present, absent, image_ids = defaultdict(set), defaultdict(set), set()
+    for q in questions(split):
+        named, negated = _attributes_named(q.text)
+        if q.answer in COLORS or q.answer in SHAPES:
+            present[q.image_id] |= named | {q.answer}
+        else:
+            (present if (q.answer == "yes") != negated else absent)[q.image_id] |= named
+        image_ids.add(q.image_id)
+
+    def decide(candidates, image_id):
+        known = [c for c in candidates if c in present[image_id]] or [c for c in candidates if c not in absent[image_id]]
+        return known[0] if len(known) == 1 else None
+
+    return {i: (decide(COLORS, i), decide(SHAPES, i)) for i in sorted(image_ids)}
+
+
+@lru_cache(maxsize=None)
+def _attributes_named(text: str) -> tuple[frozenset, bool]:
+    """(colors and shapes the question names, whether it asks about absence: "is there not a ...", "is no ...")."""
+    words = set(re.findall(r"[a-z]+", text.lower()))
+    return frozenset(words & {*COLORS, *SHAPES}), bool(words & {"not", "no"})
+
+
+def caption_samples(split: str) -> SampleList:
+    """"A red circle." for every image whose color and shape its questions decide."""
+    paths = getattr(_easy_vqa(), f"get_{split}_image_paths")()
+    samples = [
+        caption_messages(paths[image_id], f"A {color} {shape}.", f"easy-vqa {split}:image {image_id}")
+        for image_id, (color, shape) in annotations(split).items() if color and shape
+    ]
+    return SampleList(samples)
+
+
+def text_only_ceiling(train: str = "train", test: str = "test") -> dict[str, float]:
+    """Accuracy, overall and per question type, of the most common `train` answer to the same question text on
+    `test`; a text never seen in training gets the most common training answer of its question type."""
+    by_text, by_type = defaultdict(Counter), defaultdict(Counter)
+    for q in questions(train):
+        by_text[q.text][q.answer] += 1
+        by_type[question_type(q.text)][q.answer] += 1
+    correct, total = Counter(), Counter()
+    for q in questions(test):
+        kind = question_type(q.text)
+        guess = (by_text.get(q.text) or by_type[kind]).most_common(1)[0][0]
+        for key in ("all", kind):
+            total[key] += 1
+            correct[key] += guess == q.answer
+    return {key: correct[key] / total[key] for key in total}
