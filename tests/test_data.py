@@ -17,6 +17,7 @@ from peft_vlm.data import (
     read_alpaca,
     read_captions,
     read_dataset,
+    open_dataset,
     read_llava,
     shuffled_order,
 )
@@ -193,7 +194,7 @@ def test_skip_policy_reports_each_bad_row_by_file_row_and_reason(tokenizer, malf
 
 def test_error_policy_stops_at_the_first_bad_row_naming_file_row_and_reason(tokenizer, malformed):
     path, _ = malformed
-    dataset = SampleDataset(read_llava(path), encoder(tokenizer, max_length=64), bad_samples="error")
+    dataset = open_dataset(path, "llava", encoder(tokenizer, max_length=64), bad_samples="error")
     with pytest.raises(DataError, match=r"bad.jsonl:row 2: missing image file \(.*missing.png\)"):
         list(dataset.iter_from(0))
 
@@ -294,6 +295,13 @@ def test_dataloader_workers_pass_skipped_rows_back_to_the_report(tokenizer, malf
         report.add_batch(batch)
         assert len(batch) == 0 or (batch["labels"] != IGNORE_INDEX).any(1).all()
     assert report.seen == 8 and sorted(report.sources()) == sorted(f"bad.jsonl:row {r}" for r in expected)
+
+
+def test_dataset_pickles_for_spawned_workers(tokenizer, malformed):
+    path, _ = malformed
+    dataset = open_dataset(path, "llava", encoder(tokenizer, max_length=64), bad_samples="skip")
+    copy = pickle.loads(pickle.dumps(dataset))
+    assert copy[0]["input_ids"] == dataset[0]["input_ids"]
 
 
 def test_data_error_survives_pickling_with_its_fields():

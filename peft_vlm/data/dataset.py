@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from peft_vlm.data.encoding import SampleEncoder
+from peft_vlm.data.formats import CAPTION_PROMPT, read_dataset
 from peft_vlm.data.report import DataReport, Skipped, check_policy
 from peft_vlm.errors import DataError
 
@@ -83,6 +84,13 @@ class SampleDataset(Dataset):
         for _, sample in self.records.stream():
             self._record(self.encode(sample, encode))
         return self.report
+
+
+def open_dataset(path, format: str, encoder: SampleEncoder, bad_samples: str = "error", image_root=None,
+                 caption_prompt: str = CAPTION_PROMPT, report: DataReport | None = None) -> SampleDataset:
+    """A data file in one of the known formats (see `read_dataset`), ready to train on."""
+    records = read_dataset(path, format, image_root=image_root, caption_prompt=caption_prompt)
+    return SampleDataset(records, encoder, bad_samples, report)
 
 
 class StreamingSamples(IterableDataset):

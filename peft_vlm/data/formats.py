@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -144,8 +145,7 @@ def _root(path: str | os.PathLike, image_root: str | os.PathLike | None) -> Path
 
 
 def read_llava(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> Records:
-    root = _root(path, image_root)
-    return Records(RecordFile(path), lambda record, source: llava_sample(record, source, root))
+    return Records(RecordFile(path), partial(llava_sample, image_root=_root(path, image_root)))
 
 
 def read_alpaca(path: str | os.PathLike) -> Records:
@@ -160,7 +160,7 @@ def read_captions(
     file = RecordFile(path)
     if not file.is_array and _looks_like_coco(file):
         return read_coco_captions(path, image_root, prompt)
-    return Records(file, lambda record, source: caption_sample(record, source, root, prompt))
+    return Records(file, partial(caption_sample, image_root=root, prompt=prompt))
 
 
 def read_coco_captions(
