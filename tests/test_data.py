@@ -21,6 +21,7 @@ from peft_vlm.data import (
     read_llava,
     shuffled_order,
 )
+from peft_vlm.data import records
 from peft_vlm.data import report as reasons
 from peft_vlm.errors import ConfigError, DataError
 from peft_vlm.prompting import IGNORE_INDEX, IMAGE_TOKEN_ID
@@ -66,7 +67,8 @@ def test_llava_row_becomes_user_and_assistant_messages_with_image_path(tmp_path)
     assert sample["source"] == "llava.jsonl:row 1"
 
 
-def test_llava_json_array_reads_the_same_rows_as_jsonl(tmp_path):
+def test_llava_json_array_reads_the_same_rows_as_jsonl_across_read_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(records, "_CHUNK", 7)  # rows and multi-byte characters straddle chunk boundaries
     rows = [llava_row(answer=f"Réponse {i} ✓") for i in range(5)]
     (tmp_path / "a.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False), encoding="utf-8")
     write_jsonl(tmp_path / "a.jsonl", rows)

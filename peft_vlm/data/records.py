@@ -61,43 +61,31 @@ class RecordFile:
     def _scan_array(self):
         """Decode the elements of a top-level JSON array one by one from a sliding text window."""
         with open(self.path, "rb") as file:
-            decoder = codecs.getincrementaldecoder("utf-8-sig")()
-            bom = len(codecs.BOM_UTF8) if file.read(3) == codecs.BOM_UTF8 else 0
-            file.seek(0)
-            text, position, byte_offset, at_end = "", 0, bom, False
-            row = 0
-
-            def fill(text, position, byte_offset):
-                data = file.read(_CHUNK)
-                byte_offset += len(text[:position].encode("utf-8"))  # bytes of the text dropped from the window
-                return text[position:] + decoder.decode(data, final=not data), 0, byte_offset, not data
-
-            text, position, byte_offset, at_end = fill(text, position, byte_offset)
-            position = _skip(text, position) + 1  # past '['
+            window = _Window(file)
+            position, row = window.skip_space(0) + 1, 0  # past '['
             while True:
-                position = _skip(text, position)
-                while position >= len(text) and not at_end:
-                    text, position, byte_offset, at_end = fill(text, position, byte_offset)
-                    position = _skip(text, position)
-                if position < len(text) and text[position] == "]":
+                position = window.skip_space(position)
+                if position >= len(window.text):
+                    raise DataError(row_source(self.path, row + 1), INVALID_JSON, "the array is not closed with ']'")
+                if window.text[position] == "]":
                     return
                 row += 1
                 while True:
                     try:
-                        record, end = _DECODER.raw_decode(text, position)
-                        if end < len(text) or at_end:  # a number at the window's edge might go on
+                        record, end = _DECODER.raw_decode(window.text, position)
+                        if end < len(window.text) or window.at_end:  # a number at the window's edge might go on
                             break
                     except json.JSONDecodeError as error:
-                        if at_end or len(text) - position > _MAX_ROW_CHARS:
+                        if window.at_end or len(window.text) - position > _MAX_ROW_CHARS:
                             raise DataError(row_source(self.path, row), INVALID_JSON,
                                             f"{error.msg}; a broken JSON array cannot be read past this point") from None
-                    text, position, byte_offset, at_end = fill(text, position, byte_offset)
-                start = byte_offset + len(text[:position].encode("utf-8"))
-                stop = start + len(text[position:end].encode("utf-8"))
-                yield row, start, stop, record
-                position = _skip(text, end)
-                if position < len(text) and text[position] == ",":
+                    position = window.more(position)
+                yield row, window.byte_offset(position), window.byte_offset(end), record
+                position = window.skip_space(end)
+                if position < len(window.text) and window.text[position] == ",":
                     position += 1
+                elif position >= len(window.text) or window.text[position] != "]":
+                    raise DataError(row_source(self.path, row + 1), INVALID_JSON, f"expected ',' or ']' after row {row}")
 
     def _parse(self, raw: bytes, row: int) -> Any:
         try:
@@ -130,6 +118,40 @@ class RecordFile:
             file.seek(starts[index])
             raw = file.read(self._ends[index] - starts[index])
         return self._parse(raw, self._rows[index])
+
+
+class _Window:
+    """The rest of a UTF-8 file as text, read a chunk at a time, with the byte offset of any text position.
+    Offsets are asked for in increasing order, so each character is encoded once to count its bytes."""
+
+    def __init__(self, file):
+        self.file = file
+        bom = file.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8
+        file.seek(0)
+        self.decoder = codecs.getincrementaldecoder("utf-8-sig")()
+        self.text, self.at_end = "", False
+        self.counted, self.counted_bytes = 0, len(codecs.BOM_UTF8) if bom else 0
+
+    def byte_offset(self, position: int) -> int:
+        self.counted_bytes += len(self.text[self.counted:position].encode("utf-8"))
+        self.counted = position
+        return self.counted_bytes
+
+    def more(self, keep_from: int) -> int:
+        """Drop the text before `keep_from` and read on; returns where `keep_from` now is (0)."""
+        self.byte_offset(keep_from)
+        data = self.file.read(_CHUNK)
+        self.text = self.text[keep_from:] + self.decoder.decode(data, final=not data)
+        self.counted, self.at_end = 0, not data
+        return 0
+
+    def skip_space(self, position: int) -> int:
+        """The next non-space position, reading on as needed; len(text) at the end of the file."""
+        while True:
+            position = _skip(self.text, position)
+            if position < len(self.text) or self.at_end:
+                return position
+            position = self.more(position)
 
 
 def _skip(text: str, position: int) -> int:
