@@ -12,6 +12,7 @@ from peft_vlm.errors import (  # noqa: E402
     AdapterFileError,
     AdapterMismatchError,
     ConfigError,
+    DataError,
     IncompatibleMethodsError,
     ModelLoadError,
     NotMergeableError,
@@ -46,7 +47,7 @@ def __getattr__(name):
 
 
 __all__ = [*_METHOD_CONFIGS,
-    "AdapterFileError", "AdapterMismatchError", "ConfigError", "IncompatibleMethodsError", "Method",
+    "AdapterFileError", "AdapterMismatchError", "ConfigError", "DataError", "IncompatibleMethodsError", "Method",
     "ModelLoadError", "NotMergeableError", "PeftVlmError", "UnknownMethodError", "VisionLanguageModel", "apply",
     "available_connectors", "available_methods", "available_presets", "describe_adapter", "export_peft",
     "load_adapter", "merge", "register", "register_connector", "save_adapter", "token_types", "trainable_summary",
