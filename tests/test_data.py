@@ -299,6 +299,16 @@ def test_dataloader_workers_pass_skipped_rows_back_to_the_report(tokenizer, malf
     assert report.seen == 8 and sorted(report.sources()) == sorted(f"bad.jsonl:row {r}" for r in expected)
 
 
+def test_error_policy_raises_a_workers_bad_row_in_the_main_process_without_worker_traceback(tokenizer, malformed):
+    path, _ = malformed
+    dataset = SampleDataset(read_llava(path), encoder(tokenizer, max_length=64), bad_samples="error")
+    loader = DataLoader(dataset.stream(), batch_size=3, num_workers=2, collate_fn=Collator(tokenizer.pad_token_id))
+    with pytest.raises(DataError, match=r"^bad.jsonl:row \d: ") as caught:
+        for batch in loader:
+            DataReport().add_batch(batch)
+    assert "Traceback" not in str(caught.value)
+
+
 def test_dataset_pickles_for_spawned_workers(tokenizer, malformed):
     path, _ = malformed
     dataset = open_dataset(path, "llava", encoder(tokenizer, max_length=64), bad_samples="skip")

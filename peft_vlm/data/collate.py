@@ -7,6 +7,7 @@ the model splices them in.
 from __future__ import annotations
 
 import torch
+from torch.utils.data import get_worker_info
 
 from peft_vlm.data.report import Skipped
 from peft_vlm.errors import ConfigError
@@ -18,7 +19,8 @@ class Batch(dict):
     `model(**batch)` sees inputs only)."""
 
     sources: list[str]
-    skipped: list
+    skipped: list  # DataErrors of rows left out under policy "skip"
+    fatal: list  # DataErrors of a policy-"error" dataset met in a worker; `DataReport.add_batch` raises them
     truncated: list[str]
 
     @property
@@ -42,7 +44,10 @@ class Collator:
     def __call__(self, items: list) -> Batch:
         examples = [item for item in items if not isinstance(item, Skipped)]
         batch = Batch()
-        batch.skipped = [item.error for item in items if isinstance(item, Skipped)]
+        batch.skipped = [item.error for item in items if isinstance(item, Skipped) and not item.fatal]
+        batch.fatal = [item.error for item in items if isinstance(item, Skipped) and item.fatal]
+        if batch.fatal and get_worker_info() is None:
+            raise batch.fatal[0]
         batch.sources = [example["source"] for example in examples]
         batch.truncated = [example["source"] for example in examples if example.get("truncated")]
         if not examples:

@@ -7,8 +7,9 @@ Two ways to read, both lazy (a row is read, and its images opened, only when it 
   workers.
 
 A bad row raises `DataError` under policy "error". Under "skip", `dataset[i]` gives a `Skipped` marker, so
-positions stay stable and the reason travels back from DataLoader workers through the collated batch
-(`report.add_batch(batch)`); `iter_from` and `validate` record into `dataset.report` themselves.
+positions stay stable and the reason travels back from DataLoader workers through the collated batch: call
+`report.add_batch(batch)` for every batch (it also raises, in the main process, a policy-"error" bad row that a
+worker met). `iter_from` and `validate` record into `dataset.report` themselves.
 """
 from __future__ import annotations
 
@@ -53,9 +54,9 @@ class SampleDataset(Dataset):
                 raise sample
             return (encode or self.encoder)(sample)
         except DataError as error:
-            if self.policy == "error":
+            if self.policy == "error" and get_worker_info() is None:
                 raise
-            return Skipped(error)
+            return Skipped(error, fatal=self.policy == "error")
 
     def _record(self, item: dict | Skipped) -> dict | None:
         self.report.seen += 1

@@ -33,9 +33,12 @@ def check_policy(policy: str) -> str:
 
 @dataclass(frozen=True)
 class Skipped:
-    """Stands in for a skipped row so that positions stay stable and DataLoader workers can pass the reason on."""
+    """Stands in for a skipped row so that positions stay stable and DataLoader workers can pass the reason on.
+    `fatal`: the policy is "error", but the row was met in a worker process; the main process raises it (a
+    DataLoader would otherwise wrap the error in a worker traceback)."""
 
     error: DataError
+    fatal: bool = False
 
 
 class DataReport:
@@ -58,12 +61,15 @@ class DataReport:
             self.truncated.append(source)
 
     def add_batch(self, batch) -> None:
-        """Record what a collated batch carries (the way back from DataLoader worker processes)."""
-        self.seen += len(batch.sources) + len(batch.skipped)
-        for error in batch.skipped:
+        """Record what a collated batch carries (the way back from DataLoader worker processes); raise the bad
+        row of a policy-"error" dataset met in a worker."""
+        self.seen += len(batch.sources) + len(batch.skipped) + len(batch.fatal)
+        for error in batch.skipped + batch.fatal:
             self.add_bad(error)
         for source in batch.truncated:
             self.add_truncated(source)
+        if batch.fatal:
+            raise batch.fatal[0]
 
     def extend(self, errors: Iterable[DataError]) -> None:
         for error in errors:
