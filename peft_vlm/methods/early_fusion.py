@@ -147,6 +147,7 @@ class VisualQueryPromptMethod(Method):
             state_of(model).context, self.config, model.vision_tower.width, prompts[0].config.length,
             hidden_size(language_model), layer_device(model.connector), hidden_dtype(language_model),
         )
+        query.train(model.training)  # eval blocks take PyTorch's fused path: follow the model's mode from the start
         model.add_module("visual_query", query)
         prompts[0].add_prompt_offset(query)
         return {"vision": list(query.parameters())}
