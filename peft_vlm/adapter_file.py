@@ -81,32 +81,40 @@ def _describe_difference(saved: dict[str, Any], current: dict[str, Any]) -> list
     return differences
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the trained parameters, the method configs and the base's fingerprint; returns the file written.
-
-    `path` is a folder (the file is `adapter.safetensors` inside) or a `.safetensors` file name.
-    """
+def adapter_metadata(model: nn.Module) -> dict[str, str]:
+    """The file metadata for `model`'s methods: configs, parameter owners, package version, base fingerprint."""
     state = state_of(model, create=False)
     if state is None or not state.applied:
         raise AdapterFileError("save_adapter: the model has no methods applied (use pv.apply first)")
-    tensors, groups = {}, {}
-    for name, (parameter, entry, group) in named_tracked_parameters(model).items():
-        tensors[name] = parameter.detach().to("cpu").contiguous()
-        groups[name] = f"{entry.name}/{group}"
+    groups = {name: f"{entry.name}/{group}" for name, (_, entry, group) in named_tracked_parameters(model).items()}
     methods = [{"method": entry.name, "config": entry.method.config_to_dict()} for entry in state.methods()]
-    metadata = {
+    return {
         "format": FORMAT,
         "peft_vlm_version": __version__,
         "methods": json.dumps(methods),
         "groups": json.dumps(groups),
         "base": json.dumps(fingerprint(model)),
     }
+
+
+def write_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write an adapter file atomically: a killed writer never leaves a half-written file under the real name."""
     target = _adapter_path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(target.name + ".tmp")
-    save_file(tensors, str(temporary), metadata=metadata)
-    os.replace(temporary, target)  # never leave a half-written adapter under the real name
+    save_file({name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}, str(temporary), metadata=metadata)
+    os.replace(temporary, target)
     return target
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the trained parameters, the method configs and the base's fingerprint; returns the file written.
+
+    `path` is a folder (the file is `adapter.safetensors` inside) or a `.safetensors` file name.
+    """
+    metadata = adapter_metadata(model)
+    tensors = {name: parameter for name, (parameter, _, _) in named_tracked_parameters(model).items()}
+    return write_adapter(path, tensors, metadata)
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
