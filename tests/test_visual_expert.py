@@ -148,7 +148,8 @@ def test_cached_greedy_generation_equals_uncached(vlm_factory, images, options):
     cached = model.generate_ids(**batch, max_new_tokens=6, min_new_tokens=6)
     input_ids, mask = batch["input_ids"], batch["attention_mask"]
     for _ in range(6):
-        next_token = logits(model, {"input_ids": input_ids, "attention_mask": mask, "pixel_values": batch["pixel_values"]}, use_cache=False)[:, -1].argmax(-1, keepdim=True)
+        step = {"input_ids": input_ids, "attention_mask": mask, "pixel_values": batch["pixel_values"]}
+        next_token = logits(model, step, use_cache=False)[:, -1].argmax(-1, keepdim=True)
         input_ids, mask = torch.cat([input_ids, next_token], 1), torch.cat([mask, torch.ones_like(next_token)], 1)
     assert cached.tolist() == input_ids[:, batch["input_ids"].shape[1]:].tolist()
 
@@ -220,7 +221,8 @@ def test_full_expert_on_a_4bit_base_is_refused_and_low_rank_trains(lm_factory, t
     with pv.token_types(model, (torch.arange(8) < 4).long()[None]):
         model(input_ids=input_ids, labels=input_ids).loss.backward()
     assert all(p.grad is not None for p in expert_parameters(model)[1::2])  # every B gets a gradient
-    assert pv.trainable_summary(model).trainable_parameters == 2 * (2 * 4 * (64 + 64) + 2 * 4 * (64 + 32) + 3 * 4 * (64 + 128))  # q,o; k,v; MLP
+    per_layer = 2 * 4 * (64 + 64) + 2 * 4 * (64 + 32) + 3 * 4 * (64 + 128)  # q and o, k and v (2 kv heads), MLP
+    assert pv.trainable_summary(model).trainable_parameters == 2 * per_layer
 
 
 def test_visual_expert_after_lora_on_the_same_projections_is_a_clear_error(lm_factory):

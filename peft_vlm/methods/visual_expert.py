@@ -232,7 +232,7 @@ class VisualExpertMethod(Method):
     @staticmethod
     def _part(layer: nn.Module, part: str, index: int) -> nn.Module:
         module = getattr(layer, part, None)
-        missing = [n for n in EXPERT_PROJECTIONS[part] if module is None or not isinstance(getattr(module, n, None), nn.Linear)]
+        missing = [n for n in EXPERT_PROJECTIONS[part] if not isinstance(getattr(module, n, None), nn.Linear)]
         if missing:
             raise ConfigError(
                 f"the visual expert wraps plain linear projections; layer {index} {part} has no linear "
