@@ -26,10 +26,13 @@ from peft_vlm.summary import trainable_summary  # noqa: E402
 from peft_vlm.adapter_file import describe_adapter, load_adapter, save_adapter  # noqa: E402
 from peft_vlm.connectors import available_connectors, register_connector  # noqa: E402
 from peft_vlm.model import VisionLanguageModel  # noqa: E402
-from peft_vlm.methods.lora import export_peft  # noqa: E402
 
-# Method configs live with their methods; importing them lazily keeps `import peft_vlm` light and acyclic.
-_METHOD_CONFIGS = {
+# Method configs live with their methods, and training pulls in accelerate: importing them on first use keeps
+# `import peft_vlm` light and the core free of imports of methods.
+_LAZY = {
+    "export_peft": "peft_vlm.methods.lora",
+    "JointTrainer": "peft_vlm.training",
+    "TrainConfig": "peft_vlm.training",
     "AdaptionPromptConfig": "peft_vlm.methods.adaption_prompt",
     "BiasScaleConfig": "peft_vlm.methods.bias_scale",
     "EarlyFusionConfig": "peft_vlm.methods.early_fusion",
@@ -39,17 +42,17 @@ _METHOD_CONFIGS = {
 
 
 def __getattr__(name):
-    if name in _METHOD_CONFIGS:
+    if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_METHOD_CONFIGS[name]), name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'peft_vlm' has no attribute '{name}'")
 
 
-__all__ = [*_METHOD_CONFIGS,
+__all__ = [*_LAZY,
     "AdapterFileError", "AdapterMismatchError", "ConfigError", "DataError", "IncompatibleMethodsError", "Method",
     "ModelLoadError", "NotMergeableError", "PeftVlmError", "UnknownMethodError", "VisionLanguageModel", "apply",
-    "available_connectors", "available_methods", "available_presets", "describe_adapter", "export_peft",
+    "available_connectors", "available_methods", "available_presets", "describe_adapter",
     "load_adapter", "merge", "register", "register_connector", "save_adapter", "token_types", "trainable_summary",
     "unmerge",
 ]

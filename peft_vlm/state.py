@@ -35,6 +35,9 @@ class AdapterState:
     def __init__(self) -> None:
         self.applied: list[AppliedMethod] = []
         self.context = None  # a `peft_vlm.routing.RoutingContext`, installed by `routing.install`
+        # Names of the tracked parameters as of the last `refresh_trainable`: FSDP2's `fully_shard` replaces every
+        # parameter object but keeps the names, so the names still find the (now sharded) parameters.
+        self.tracked_names: dict[str, tuple[AppliedMethod, str]] = {}
 
     def add(self, entry: AppliedMethod) -> None:
         self.applied.append(entry)
@@ -61,17 +64,20 @@ def state_of(model: nn.Module, create: bool = True) -> AdapterState | None:
 
 def refresh_trainable(model: nn.Module) -> None:
     """Make exactly the tracked parameters trainable and freeze everything else."""
-    tracked = state_of(model).tracked()
+    state = state_of(model)
+    tracked = state.tracked()
     for parameter in model.parameters():
         parameter.requires_grad_(id(parameter) in tracked)
+    state.tracked_names = {name: tracked[id(p)] for name, p in model.named_parameters() if id(p) in tracked}
 
 
 def named_tracked_parameters(model: nn.Module) -> dict[str, tuple[nn.Parameter, AppliedMethod, str]]:
     """Current qualified name -> (parameter, method, group) for every tracked parameter."""
-    tracked = state_of(model).tracked()
+    state = state_of(model)
+    tracked = state.tracked()
     result = {}
     for name, parameter in model.named_parameters(remove_duplicate=True):
-        if id(parameter) in tracked:
-            entry, group = tracked[id(parameter)]
-            result[name] = (parameter, entry, group)
+        owner = tracked.get(id(parameter)) or state.tracked_names.get(name)
+        if owner is not None:
+            result[name] = (parameter, *owner)
     return result

@@ -33,8 +33,7 @@ TINY_VIT = {
 }
 
 
-@pytest.fixture(scope="session")
-def tokenizer():
+def make_tokenizer():
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -46,6 +45,11 @@ def tokenizer():
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
     tok.chat_template = CHAT_TEMPLATE
     return tok
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
 
 
 def make_lm(model_type: str = "llama", seed: int = 0, **overrides):
@@ -60,25 +64,32 @@ def lm_factory():
     return make_lm
 
 
-@pytest.fixture(scope="session")
-def tiny_vit(tmp_path_factory):
+def register_tiny_vit(folder) -> str:
     import open_clip
 
-    folder = tmp_path_factory.mktemp("open_clip")
     path = folder / "test-tiny-vit.json"
     path.write_text(json.dumps(TINY_VIT))
     open_clip.add_model_config(str(path))
     return "test-tiny-vit"
 
 
-@pytest.fixture
-def vlm_factory(tokenizer, tiny_vit):
+def make_vlm(tokenizer, vision, model_type="llama", seed=0, connector="mlp2x_gelu", **overrides):
     import peft_vlm as pv
 
+    lm = make_lm(model_type, seed, **overrides)
+    torch.manual_seed(seed + 1)
+    return pv.VisionLanguageModel.from_pretrained(llm=lm, tokenizer=tokenizer, vision=vision, connector=connector).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory):
+    return register_tiny_vit(tmp_path_factory.mktemp("open_clip"))
+
+
+@pytest.fixture
+def vlm_factory(tokenizer, tiny_vit):
     def build(model_type="llama", seed=0, connector="mlp2x_gelu", **overrides):
-        lm = make_lm(model_type, seed, **overrides)
-        torch.manual_seed(seed + 1)
-        return pv.VisionLanguageModel.from_pretrained(llm=lm, tokenizer=tokenizer, vision=tiny_vit, connector=connector).eval()
+        return make_vlm(tokenizer, tiny_vit, model_type, seed, connector, **overrides)
 
     return build
 

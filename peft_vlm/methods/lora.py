@@ -57,8 +57,13 @@ class LoraMethod(Method):
                 layer.unmerge()
 
     def config_to_dict(self) -> dict[str, Any]:
-        values = self.config.to_dict()
-        return json.loads(json.dumps(values, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+        """The options that differ from peft's defaults (the rest is peft's to fill in on loading)."""
+        def plain(config):
+            values = config.to_dict()
+            return json.loads(json.dumps(values, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+
+        defaults = plain(peft.LoraConfig())
+        return {k: v for k, v in plain(self.config).items() if v != defaults.get(k) and k != "peft_version"}
 
     @classmethod
     def config_from_dict(cls, values: dict[str, Any]) -> peft.LoraConfig:
