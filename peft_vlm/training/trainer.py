@@ -1,0 +1,399 @@
+"""`JointTrainer`: caption batches and instruction batches update disjoint parameter groups (LLaMA-Adapter V2 sec
+4.2), each group with its own AdamW state, through `accelerate` (one process, DDP, FSDP2; bf16 on GPU).
+
+Every step is one kind of batch: `caption_ratio` of the steps are caption steps, which update the `vision` group
+(connector, early fusion, ...); the others are instruction steps, which update the `language` group (prompts, gates,
+bias/scale, LoRA, ...). The optimizer of the group not being trained is not stepped, so neither its weight decay nor
+its momentum moves anything. With `data=` instead, every step updates every trainable parameter (LoRA, experts).
+
+Data order is a seeded permutation per stream and epoch; a checkpoint records each stream's position, so a resumed
+run sees exactly the batches the uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from peft_vlm.adapter_file import adapter_metadata, write_adapter
+from peft_vlm.data.collate import Collator
+from peft_vlm.data.dataset import shuffled_order
+from peft_vlm.errors import ConfigError, PeftVlmError
+from peft_vlm.state import named_tracked_parameters
+from peft_vlm.training import checkpoint as ckpt
+from peft_vlm.training.config import TrainConfig
+
+
+class TrainingStopped(PeftVlmError):
+    """Too many non-finite losses in a row; the run saved a checkpoint first."""
+
+
+@dataclass
+class DataStream:
+    """One kind of batch: its dataset, the parameter groups it trains, and where it is in its seeded order."""
+
+    name: str
+    dataset: Any  # len() and [index] -> example (see peft_vlm.data.SampleDataset)
+    groups: tuple[str, ...]
+    seed: int
+    epoch: int = 0
+    position: int = 0
+    _order: list[int] = field(default_factory=list, repr=False)
+
+    def take(self, count: int) -> list[int]:
+        """The next `count` dataset indices, starting a new shuffled epoch when one runs out."""
+        indices = []
+        while len(indices) < count:
+            if not self._order:
+                self._order = shuffled_order(len(self.dataset), self.seed, self.epoch)
+            take = min(count - len(indices), len(self._order) - self.position)
+            indices += self._order[self.position : self.position + take]
+            self.position += take
+            if self.position == len(self._order):
+                self.epoch, self.position, self._order = self.epoch + 1, 0, []
+        return indices
+
+    def cursor(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def restore(self, cursor: dict[str, int]) -> None:
+        self.epoch, self.position, self._order = cursor["epoch"], cursor["position"], []
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    history: list[dict]  # one entry per optimizer step: step, stream, loss, lr, skipped
+    skipped_steps: int
+    adapter_path: Path
+    seconds: float
+
+
+class JointTrainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        caption_data=None,
+        instruction_data=None,
+        data=None,
+        collate_fn: Callable | None = None,
+    ):
+        if data is not None and (caption_data is not None or instruction_data is not None):
+            raise ConfigError("pass either data= (one group) or caption_data=/instruction_data= (joint), not both")
+        self.config = config
+        self.collate = collate_fn or Collator.for_model(model)
+        tracked = named_tracked_parameters(model)
+        if not tracked:
+            raise ConfigError("the model has nothing to train: apply a method first (pv.apply)")
+        all_groups = tuple(sorted({group for _, _, group in tracked.values()}))
+        if data is not None:
+            specs = [("train", data, all_groups)]
+        else:
+            specs = [("caption", caption_data, config.caption_groups), ("instruction", instruction_data, config.instruction_groups)]
+        self.streams = {
+            name: DataStream(name, dataset, groups, seed=config.seed * 1000 + index)
+            for index, (name, dataset, groups) in enumerate(specs)
+            if dataset is not None
+        }
+        if not self.streams:
+            raise ConfigError("no training data: pass data=, caption_data= or instruction_data=")
+        self.names_by_stream = {
+            name: [n for n, (_, _, group) in tracked.items() if group in stream.groups] for name, stream in self.streams.items()
+        }
+        for name, names in self.names_by_stream.items():
+            if not names:
+                raise ConfigError(
+                    f"{name} batches train groups {list(self.streams[name].groups)}, but the model's trainable "
+                    f"parameters are in groups {list(all_groups)}"
+                )
+        self.trained_names = sorted(tracked)
+        self.group_of = {name: group for name, (_, _, group) in tracked.items()}
+        self.metadata = adapter_metadata(model)
+
+        mixed_precision = config.mixed_precision
+        if mixed_precision == "auto":
+            mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=mixed_precision,
+            log_with=config.report_to,
+            project_dir=config.output_dir,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        if config.gradient_checkpointing:
+            model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = self._distribute(model)
+        self.unwrapped = self.accelerator.unwrap_model(self.model)
+        parameters = dict(self.unwrapped.named_parameters())
+        self.optimizers = {name: self._optimizer(parameters, names) for name, names in self.names_by_stream.items()}
+        self.step, self.skipped_steps, self.nonfinite_in_row, self.history = 0, 0, 0, []
+
+    # -- set-up ----------------------------------------------------------------------------------------------------
+    def _distribute(self, model: nn.Module) -> nn.Module:
+        if self.config.sharding == "fsdp2" and self.accelerator.num_processes > 1 and not torch.cuda.is_available():
+            # accelerate's FSDP plugin needs GPUs (on CPU it silently falls back to DDP), so shard with torch's
+            # FSDP2 directly: every decoder layer, then the rest.
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.language_model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+            return model
+        return self.accelerator.prepare(model)
+
+    def _optimizer(self, parameters: dict[str, nn.Parameter], names: list[str]) -> torch.optim.Optimizer:
+        """AdamW with one parameter group per (method group, decay): matrices decay, vectors (biases, scales,
+        norms, gates) do not, since decaying a scale or gate would pull the model away from its base."""
+        groups: dict[tuple[str, bool], list[str]] = {}
+        for name in names:
+            groups.setdefault((self.group_of[name], parameters[name].dim() >= 2), []).append(name)
+        param_groups = [
+            {
+                "params": [parameters[n] for n in group_names],
+                "names": group_names,
+                "weight_decay": self.config.weight_decay if decay else 0.0,
+                "lr": self.config.group_learning_rates.get(group, self.config.learning_rate),
+                "group": group,
+            }
+            for (group, decay), group_names in sorted(groups.items())
+        ]
+        for param_group in param_groups:
+            param_group["initial_lr"] = param_group["lr"]
+        return torch.optim.AdamW(param_groups, betas=self.config.betas)
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to `min_lr_ratio` (or constant) over `max_steps`."""
+        config = self.config
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.lr_schedule == "constant":
+            return 1.0
+        progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def stream_for(self, step: int) -> DataStream:
+        """Caption steps are spread evenly: step i is one when floor((i+1) r) > floor(i r)."""
+        if len(self.streams) == 1:
+            return next(iter(self.streams.values()))
+        ratio = self.config.caption_ratio
+        is_caption = math.floor((step + 1) * ratio) > math.floor(step * ratio)
+        return self.streams["caption" if is_caption else "instruction"]
+
+    # -- one step --------------------------------------------------------------------------------------------------
+    def _micro_batches(self, stream: DataStream) -> list:
+        """This process's micro-batches of the next global batch (the same split for any number of processes)."""
+        size, world, rank = self.config.batch_size, self.accelerator.num_processes, self.accelerator.process_index
+        accumulation = self.config.gradient_accumulation_steps
+        indices = stream.take(size * world * accumulation)
+        batches = []
+        for micro in range(accumulation):
+            slot = micro * world + rank
+            batch = self.collate([stream.dataset[i] for i in indices[slot * size : (slot + 1) * size]])
+            report = getattr(stream.dataset, "report", None)
+            if report is not None:
+                report.add_batch(batch)
+            batches.append(batch)
+        return batches
+
+    def _train_step(self, stream: DataStream) -> dict[str, float]:
+        optimizer = self.optimizers[stream.name]
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        batches = self._micro_batches(stream)
+        device = self.accelerator.device
+        total_loss, tokens, finite = torch.zeros((), device=device), 0, True
+        for micro, batch in enumerate(batches):
+            last = micro == len(batches) - 1
+            sync = contextlib.nullcontext() if last or self.config.sharding == "fsdp2" else self.accelerator.no_sync(self.model)
+            with sync, self.accelerator.autocast():
+                if len(batch):
+                    loss = self.model(**{k: v.to(device) for k, v in batch.items()}).loss
+                    tokens += int(batch["attention_mask"].sum())
+                else:  # every row of this micro-batch was skipped; keep the collective backward in step
+                    loss = sum((p * 0).sum() for p in parameters)
+                if not torch.isfinite(loss):
+                    finite = False
+                    loss = sum((p * 0).sum() for p in parameters)
+                self.accelerator.backward(loss / len(batches))
+            total_loss += loss.detach().float() / len(batches)
+        all_finite = bool(self.accelerator.gather(torch.tensor([finite], device=device)).all())
+        factor = self.lr_factor(self.step)
+        if all_finite:
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+            if self.config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(parameters, self.config.max_grad_norm)
+            optimizer.step()
+            self.nonfinite_in_row = 0
+        else:
+            self.skipped_steps += 1
+            self.nonfinite_in_row += 1
+        for other in self.optimizers.values():  # grads of groups not stepped must not leak into later steps
+            other.zero_grad(set_to_none=True)
+        mean_loss = self.accelerator.reduce(total_loss, "mean").item()
+        return {"loss": mean_loss if all_finite else float("nan"), "tokens": tokens * self.accelerator.num_processes,
+                "lr": self.config.learning_rate * factor, "skipped": not all_finite}
+
+    # -- the run ---------------------------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        config, accelerator = self.config, self.accelerator
+        start = time.time()
+        if accelerator.is_main_process:
+            ckpt.remove_stale(config.output_dir, keep=config.keep_checkpoints)
+        accelerator.wait_for_everyone()
+        if config.resume and (latest := ckpt.latest_checkpoint(config.output_dir)) is not None:
+            self.load_checkpoint(latest)
+        if config.report_to:
+            accelerator.init_trackers("peft_vlm", config={k: str(v) for k, v in vars(config).items()})
+        progress = _progress_bar(config.max_steps, self.step, enabled=config.progress_bar and accelerator.is_main_process)
+        self.model.train()
+        while self.step < config.max_steps:
+            stream = self.stream_for(self.step)
+            tick = time.time()
+            metrics = self._train_step(stream)
+            self.history.append({"step": self.step, "stream": stream.name, "loss": metrics["loss"], "lr": metrics["lr"],
+                                 "skipped": metrics["skipped"]})
+            self.step += 1
+            tokens_per_second = metrics["tokens"] / max(time.time() - tick, 1e-9)
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}", kind=stream.name, tok_s=f"{tokens_per_second:.0f}")
+            if config.report_to and (self.step % config.log_every == 0 or self.step == config.max_steps):
+                accelerator.log({f"loss/{stream.name}": metrics["loss"], "lr": metrics["lr"], "tokens_per_s": tokens_per_second}, step=self.step)
+            if self.nonfinite_in_row >= config.max_nonfinite_steps:
+                path = self.save_checkpoint()
+                raise TrainingStopped(
+                    f"{self.nonfinite_in_row} steps in a row had a non-finite loss (last at step {self.step}); "
+                    f"stopped with a checkpoint at '{path}'"
+                )
+            if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < config.max_steps:
+                self.save_checkpoint()
+        progress.close()
+        self.save_checkpoint()
+        adapter_path = self.save_adapter(Path(config.output_dir) / "adapter.safetensors")
+        if accelerator.is_main_process:
+            self.write_loss_curve(Path(config.output_dir) / "loss_curve.png")
+        accelerator.end_training()
+        return TrainResult(self.step, self.history, self.skipped_steps, adapter_path, time.time() - start)
+
+    # -- files -----------------------------------------------------------------------------------------------------
+    def full_tensors(self) -> dict[str, torch.Tensor]:
+        """Every trained tensor in full, gathered from the shards where parameters are sharded (all processes
+        must call this; each gets the full tensors)."""
+        parameters = dict(self.unwrapped.named_parameters())
+        return {name: _full(parameters[name]).cpu() for name in self.trained_names}
+
+    def save_adapter(self, path: Path) -> Path:
+        tensors = self.full_tensors()
+        if self.accelerator.is_main_process:
+            write_adapter(path, tensors, self.metadata)
+        self.accelerator.wait_for_everyone()
+        return Path(path)
+
+    def save_checkpoint(self) -> Path:
+        folder = ckpt.checkpoint_dir(self.config.output_dir, self.step)
+        tensors = self.full_tensors()
+        optimizer_states = {name: self._optimizer_state(opt) for name, opt in self.optimizers.items()}
+        optimizer_tensors, param_groups = ckpt.flatten_optimizer_states(optimizer_states)
+        state = {
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "nonfinite_in_row": self.nonfinite_in_row,
+            "streams": {name: stream.cursor() for name, stream in self.streams.items()},
+            "param_groups": param_groups,
+            "history": self.history,
+            "world_size": self.accelerator.num_processes,
+        }
+        ckpt.write_checkpoint(
+            folder,
+            lambda path: write_adapter(path, tensors, self.metadata),
+            optimizer_tensors,
+            state,
+            rank=self.accelerator.process_index,
+            is_main=self.accelerator.is_main_process,
+            barrier=self.accelerator.wait_for_everyone,
+        )
+        if self.accelerator.is_main_process:
+            ckpt.remove_stale(self.config.output_dir, keep=self.config.keep_checkpoints)
+        return folder
+
+    def load_checkpoint(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        optimizer_tensors, state = ckpt.read_checkpoint(folder, self.accelerator.process_index)
+        parameters = dict(self.unwrapped.named_parameters())
+        with torch.no_grad():
+            for name, tensor in load_file(str(folder / "adapter.safetensors")).items():
+                _assign(parameters[name], tensor)
+        states = ckpt.unflatten_optimizer_states(optimizer_tensors, state["param_groups"])
+        for name, optimizer in self.optimizers.items():
+            self._load_optimizer_state(optimizer, states[name], parameters)
+        for name, cursor in state["streams"].items():
+            self.streams[name].restore(cursor)
+        self.step, self.skipped_steps = state["step"], state["skipped_steps"]
+        self.nonfinite_in_row, self.history = state["nonfinite_in_row"], state["history"]
+
+    @staticmethod
+    def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+        states = {}
+        for group in optimizer.param_groups:
+            for name, parameter in zip(group["names"], group["params"]):
+                if parameter in optimizer.state:
+                    states[name] = {key: _full(value) for key, value in optimizer.state[parameter].items()}
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        return {"state": states, "param_groups": groups}
+
+    @staticmethod
+    def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, parameters: dict) -> None:
+        for group in optimizer.param_groups:
+            for name, parameter in zip(group["names"], group["params"]):
+                if name in saved["state"]:
+                    optimizer.state[parameter] = {key: _like(parameter, value) for key, value in saved["state"][name].items()}
+
+    def write_loss_curve(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axis = plt.subplots(figsize=(7, 4))
+        for name in self.streams:
+            points = [(h["step"], h["loss"]) for h in self.history if h["stream"] == name and not h["skipped"]]
+            if points:
+                axis.plot(*zip(*points), label=f"{name} batches", linewidth=1)
+        axis.set_xlabel("step")
+        axis.set_ylabel("loss")
+        axis.legend()
+        axis.grid(alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
+
+
+def _like(parameter: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """A saved full tensor placed like `parameter` (sharded the same way under FSDP2); scalars (step) stay as saved."""
+    if isinstance(parameter, DTensor) and value.dim() > 0:
+        return distribute_tensor(value.to(parameter.dtype), parameter.device_mesh, parameter.placements)
+    return value.to(parameter.device) if value.dim() > 0 else value
+
+
+def _assign(parameter: torch.Tensor, value: torch.Tensor) -> None:
+    parameter.copy_(_like(parameter, value.to(parameter.dtype)))
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="training", dynamic_ncols=True)
