@@ -6,6 +6,7 @@ so the layer keeps its type and its place: quantized (4-bit) layers and layers t
 
 Merging folds them into the base weights, W' = s W and b' = s (b0 + b), and removes the hook and the submodule, so
 the merged model is a plain model. Unmerging divides back (exact up to float rounding). A 4-bit base stays unmerged.
+Save the adapter before merging (or after unmerging): once merged, b and s live in the base weights.
 """
 from __future__ import annotations
 
