@@ -88,13 +88,16 @@ def adapter_metadata(model: nn.Module) -> dict[str, str]:
         raise AdapterFileError("save_adapter: the model has no methods applied (use pv.apply first)")
     groups = {name: f"{entry.name}/{group}" for name, (_, entry, group) in named_tracked_parameters(model).items()}
     methods = [{"method": entry.name, "config": entry.method.config_to_dict()} for entry in state.methods()]
-    return {
+    metadata = {
         "format": FORMAT,
         "peft_vlm_version": __version__,
         "methods": json.dumps(methods),
         "groups": json.dumps(groups),
         "base": json.dumps(fingerprint(model)),
     }
+    if hasattr(model, "base_spec"):  # how to rebuild the base, for `peft-vlm generate ADAPTER`
+        metadata["base_model"] = json.dumps(model.base_spec())
+    return metadata
 
 
 def write_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
@@ -131,8 +134,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
     if raw.get("format") != FORMAT:
         raise AdapterFileError(f"'{target}' is not a peft_vlm adapter file (format {raw.get('format')!r})")
     metadata = dict(raw)
-    for key in ("methods", "groups", "base"):
-        metadata[key] = json.loads(raw[key])
+    for key in ("methods", "groups", "base", "base_model"):
+        if key in raw:
+            metadata[key] = json.loads(raw[key])
     return metadata, tensors
 
 

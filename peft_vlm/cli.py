@@ -1,10 +1,127 @@
-"""The `peft-vlm` command line."""
+"""The `peft-vlm` command line: train, eval, generate, info.
+
+    peft-vlm train recipes/llama_adapter_v2_joint.yaml [--max-steps N] [--output-dir DIR] [--set section.key=value]
+    peft-vlm eval out/run/adapter.safetensors [--recipe R] [--data FILE --format llava] [--limit N] [--perplexity]
+    peft-vlm generate out/run/adapter.safetensors --image cat.png --prompt "What is in the picture?"
+    peft-vlm info out/run/adapter.safetensors
+
+Several processes: `accelerate launch -m peft_vlm.cli train RECIPE` or `torchrun --nproc_per_node N -m peft_vlm.cli
+train RECIPE`; nothing else changes.
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from peft_vlm.errors import PeftVlmError
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:5.1f}%"
+
+
+def format_figures(figures: dict) -> str:
+    """The end-of-run report: accuracy per question type against the grey-image, zero-shot and text-only figures."""
+    lines = [f"== {figures['recipe']} =="]
+    rows = [(name, figures[key]) for name, key in
+            [("trained, real image", "accuracy"), ("trained, grey image", "grey_image"), ("untouched model (zero-shot)", "zero_shot")]
+            if key in figures]
+    if "text_only_ceiling" in figures:
+        rows.append(("text-only ceiling", figures["text_only_ceiling"]))
+    if rows:
+        kinds = sorted({kind for _, accuracy in rows for kind in _as_dict(accuracy)}, key=lambda k: (k != "all", k))
+        lines.append(f"{'accuracy':<30}" + "".join(f"{kind:>10}" for kind in kinds))
+        for name, accuracy in rows:
+            values = _as_dict(accuracy)
+            lines.append(f"{name:<30}" + "".join(f"{_percent(values[k]) if k in values else '-':>10}" for k in kinds))
+    if "trainable_parameters" in figures:
+        lines.append(f"trainable parameters: {figures['trainable_parameters']:,}")
+    if "adapter" in figures:
+        lines.append(f"adapter file: {figures['adapter']} ({figures['adapter_bytes'] / 1e6:.2f} MB)")
+    if "train_seconds" in figures:
+        lines.append(f"training time: {figures['train_seconds']:.0f} s; wall time: {figures['wall_seconds']:.0f} s")
+    if "accuracy" in figures and figures["accuracy"].examples:
+        lines.append("examples:")
+        examples = figures["accuracy"].examples
+        for question, expected, answered in examples[:: max(1, len(examples) // 3)][:3]:
+            lines.append(f"  Q: {question}\n     expected: {expected}   model: {answered.strip()!r}")
+    return "\n".join(lines)
+
+
+def _as_dict(accuracy) -> dict:
+    return accuracy if isinstance(accuracy, dict) else accuracy.as_dict()
+
+
+def _train(arguments: argparse.Namespace) -> None:
+    from peft_vlm.recipes import load_recipe, run_recipe
+
+    overrides = list(arguments.set or [])
+    if arguments.max_steps is not None:
+        overrides.append(f"train.max_steps={arguments.max_steps}")
+    if arguments.output_dir is not None:
+        overrides.append(f"train.output_dir={arguments.output_dir}")
+    figures = run_recipe(load_recipe(arguments.recipe, overrides))
+    if "adapter" in figures:
+        print(format_figures(figures))
+
+
+def _model_for(adapter: str, recipe_path: str | None, overrides: list[str]):
+    """A fresh base as the adapter file describes it (or as a recipe's model section says), with the adapter loaded."""
+    from peft_vlm.adapter_file import load_adapter, read_adapter
+    from peft_vlm.errors import AdapterFileError
+    from peft_vlm.recipes import apply_override, build_model, load_recipe
+
+    if recipe_path:
+        spec = load_recipe(recipe_path, overrides).get("model") or {}
+    else:
+        metadata, _ = read_adapter(adapter)
+        if "base_model" not in metadata:
+            raise AdapterFileError(f"'{adapter}' does not say how to build its base; pass --recipe")
+        spec = {"model": metadata["base_model"]}
+        for override in overrides:
+            apply_override(spec, override)
+        spec = spec["model"]
+    return load_adapter(build_model(spec), adapter)
+
+
+def _generate(arguments: argparse.Namespace) -> None:
+    from PIL import Image
+
+    model = _model_for(arguments.adapter, arguments.recipe, arguments.set or [])
+    try:
+        image = Image.open(arguments.image).convert("RGB") if arguments.image else None
+    except OSError as error:
+        raise PeftVlmError(f"cannot read image '{arguments.image}': {error}") from None
+    answer = model.generate(images=[image] if image else None, prompts=[arguments.prompt], max_new_tokens=arguments.max_new_tokens)
+    print(answer[0].strip())
+
+
+def _eval(arguments: argparse.Namespace) -> None:
+    from peft_vlm.recipes import evaluation_questions, load_recipe
+    from peft_vlm.training import evaluate
+
+    model = _model_for(arguments.adapter, arguments.recipe, arguments.set or [])
+    if arguments.data:
+        spec = {"path": arguments.data, "format": arguments.format, "limit": arguments.limit}
+    elif arguments.recipe:
+        spec = dict(load_recipe(arguments.recipe, arguments.set or []).get("eval") or {})
+        spec["limit"] = arguments.limit or spec.get("limit")
+    else:
+        spec = {"format": "easy_vqa", "split": "test", "limit": arguments.limit}
+    figures = {"recipe": f"eval {arguments.adapter}"}
+    questions = evaluation_questions(spec)
+    figures["accuracy"] = evaluate.vqa_accuracy(model, questions, progress=True)
+    if arguments.grey_image:
+        figures["grey_image"] = evaluate.vqa_accuracy(model, questions, replace_image=evaluate.grey_image(model))
+    print(format_figures(figures))
+    if arguments.perplexity:
+        from peft_vlm.data import Collator, SampleEncoder
+        from peft_vlm.recipes import build_dataset
+
+        dataset = build_dataset(spec, SampleEncoder.for_model(model), {"bad_samples": "skip"})
+        examples = (dataset[i] for i in range(len(dataset) if not spec.get("limit") else min(len(dataset), spec["limit"])))
+        print("loss/perplexity: " + json.dumps(evaluate.perplexity(model, examples, Collator.for_model(model))))
 
 
 def _info(arguments: argparse.Namespace) -> None:
@@ -16,9 +133,37 @@ def _info(arguments: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-vlm", description="Parameter-efficient fine-tuning of vision-language models")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a recipe, save the adapter, evaluate")
+    train.add_argument("recipe", help="recipe YAML file (see recipes/)")
+    train.add_argument("--max-steps", type=int)
+    train.add_argument("--output-dir")
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("eval", help="VQA accuracy (and loss/perplexity) of a saved adapter")
+    evaluate.add_argument("adapter")
+    evaluate.add_argument("--recipe", help="take the base model and the eval section from this recipe")
+    evaluate.add_argument("--data", help="a labelled data file to evaluate on (default: easy-VQA test)")
+    evaluate.add_argument("--format", default="llava", help="format of --data (llava, caption, coco, alpaca)")
+    evaluate.add_argument("--limit", type=int, help="evaluate on this many evenly spaced questions")
+    evaluate.add_argument("--grey-image", action="store_true", help="also answer with a neutral grey image")
+    evaluate.add_argument("--perplexity", action="store_true", help="also report loss and perplexity")
+    evaluate.set_defaults(run=_eval)
+
+    generate = commands.add_parser("generate", help="answer a question about an image with a saved adapter")
+    generate.add_argument("adapter")
+    generate.add_argument("--image")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--recipe", help="take the base model from this recipe instead of the adapter file")
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.set_defaults(run=_generate)
+
     info = commands.add_parser("info", help="show what an adapter file holds")
     info.add_argument("adapter", help="adapter folder or .safetensors file")
     info.set_defaults(run=_info)
+
+    for command in (train, evaluate, generate):
+        command.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value")
     return parser
 
 

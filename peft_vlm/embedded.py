@@ -85,3 +85,12 @@ def register_default_vision() -> str:
         path.write_text(json.dumps(DEFAULT_VISION_CONFIG))
         open_clip.add_model_config(str(path))
     return DEFAULT_VISION
+
+
+def describe_language_model(path: str | None) -> str | None:
+    """"embedded" for the embedded default's cached folder (whose location differs between machines)."""
+    return "embedded" if path and Path(path).resolve() == (cache_root() / CACHE_NAME).resolve() else path
+
+
+def describe_vision(name: str | None) -> str | None:
+    return "embedded" if name == DEFAULT_VISION else name

@@ -119,6 +119,18 @@ class VisionLanguageModel(nn.Module):
         tower.to(next(llm.parameters()).device)
         return cls(llm, tokenizer, tower, connector=connector)
 
+    def base_spec(self) -> dict[str, Any]:
+        """How to rebuild this base (the `model` section of a recipe); stored in adapter files for `peft-vlm generate`."""
+        from peft_vlm.embedded import describe_language_model, describe_vision
+
+        return {
+            "language_model": describe_language_model(getattr(self.language_model, "name_or_path", None)),
+            "vision": describe_vision(self.vision_tower.description.get("open_clip")),
+            "vision_pretrained": self.vision_tower.description.get("pretrained"),
+            "connector": self.connector_name,
+            "load_in_4bit": bool(getattr(self.language_model, "is_loaded_in_4bit", False)),
+        }
+
     # -- structure -------------------------------------------------------------------------------------------------
     @property
     def config(self):

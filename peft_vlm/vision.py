@@ -28,14 +28,20 @@ class VisionTower(nn.Module):
 
 
 class OpenClipVisionTower(VisionTower):
-    def __init__(self, name: str, pretrained: str | None = None, feature_layer: int = -2, resize_mode: str | None = None):
+    def __init__(
+        self, name: str, pretrained: str | None = None, feature_layer: int = -2, resize_mode: str | None = None, seed: int = 0
+    ):
         super().__init__()
         import open_clip  # imported here: it pulls in torchvision and timm
 
         try:
-            clip, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=pretrained, image_resize_mode=resize_mode
-            )
+            # Without pretrained weights the tower is random; a fixed seed makes "random" reproducible, so a rebuilt
+            # base matches the one an adapter was trained on.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                clip, _, preprocess = open_clip.create_model_and_transforms(
+                    name, pretrained=pretrained, image_resize_mode=resize_mode
+                )
         except RuntimeError as error:
             raise ModelLoadError(f"open_clip could not create vision tower '{name}' (pretrained={pretrained!r}): {error}") from None
         self.visual = clip.visual
@@ -51,6 +57,8 @@ class OpenClipVisionTower(VisionTower):
         self.num_tokens = self.visual.grid_size[0] * self.visual.grid_size[1]
         self.preprocess = preprocess
         self.description = {"open_clip": name, "pretrained": pretrained, "feature_layer": self.feature_layer}
+        if pretrained is None:
+            self.description["seed"] = seed
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.visual.forward_intermediates(

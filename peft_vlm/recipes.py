@@ -1,0 +1,240 @@
+"""Recipes: one YAML file per paper setup, run with `peft-vlm train RECIPE.yaml`.
+
+    model:    language_model (path, hub id, or "embedded"), vision (open_clip name or "embedded"),
+              vision_pretrained, connector, load_in_4bit
+    methods:  presets or method names from adapters/, or {method: NAME, option: value, ...}
+    data:     one group:  train: {format, path, ...}
+              joint:      captions: {...}, instructions: {...}
+              and resize, max_length, bad_samples, image_root
+    train:    TrainConfig fields
+    stages:   optional list of {name, methods, data, train} run in order on the same model (LLaVA's two stages);
+              each stage adds its methods and overrides data/train
+    eval:     {format, split/path, limit, grey_image}  evaluated after training
+
+Any value can be overridden from the command line: `--set train.max_steps=5 --set data.train.path=x.json`.
+"data formats": llava, caption, coco, alpaca (files), easy_vqa and easy_vqa_captions (the embedded demo data).
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peft_vlm.errors import ConfigError
+
+EMBEDDED = "embedded"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` as a string (it wants `1.0e-4`); learning rates are written the short way."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+STREAMS = ("train", "captions", "instructions")
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no recipe file at '{path}'")
+    try:
+        recipe = _yaml(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"recipe '{path}' is not valid YAML: {error}") from None
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"recipe '{path}' must be a mapping of sections (model, methods, data, train, eval)")
+    unknown = sorted(set(recipe) - {"name", "description", "paper", "hardware", "model", "methods", "data", "train", "stages", "eval"})
+    if unknown:
+        raise ConfigError(f"recipe '{path}': unknown section(s) {', '.join(unknown)}")
+    for override in overrides:
+        apply_override(recipe, override)
+    recipe.setdefault("name", path.stem)
+    return recipe
+
+
+def apply_override(recipe: dict, override: str) -> None:
+    """`section.key=value` (value parsed as YAML, so numbers, booleans and lists work); a number indexes a list
+    (`stages.1.train.learning_rate=1e-4`)."""
+    key, separator, value = override.partition("=")
+    if not separator or not key:
+        raise ConfigError(f"override '{override}' must look like section.key=value")
+    *parents, leaf = key.split(".")
+    node = recipe
+    for part in parents:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"override '{override}': '{part}' is not a section")
+    if isinstance(node, list) and leaf.isdigit() and int(leaf) < len(node):
+        node[int(leaf)] = _yaml(value)
+    elif isinstance(node, dict):
+        node[leaf] = _yaml(value)
+    else:
+        raise ConfigError(f"override '{override}': cannot set '{leaf}' there")
+
+
+def build_model(spec: dict):
+    """A VisionLanguageModel from the recipe's `model` section."""
+    from peft_vlm.embedded import default_language_model_path, register_default_vision
+    from peft_vlm.model import VisionLanguageModel
+
+    spec = {key: value for key, value in spec.items() if value is not None}
+    language_model = spec.pop("language_model", EMBEDDED)
+    vision = spec.pop("vision", EMBEDDED)
+    if language_model == EMBEDDED:
+        language_model = default_language_model_path()
+    if vision == EMBEDDED:
+        vision = register_default_vision()
+    known = {"vision_pretrained", "connector", "load_in_4bit", "vision_options", "dtype"}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise ConfigError(f"model section: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return VisionLanguageModel.from_pretrained(language_model, vision=vision, **spec)
+
+
+def method_specs(entries: list) -> list:
+    """Presets/method names stay strings; {method: NAME, ...} mappings become method configs."""
+    from peft_vlm.plugins import get_method
+
+    specs = []
+    for entry in entries or []:
+        if isinstance(entry, str):
+            specs.append(entry)
+        elif isinstance(entry, dict) and "method" in entry:
+            options = dict(entry)
+            specs.append(get_method(options.pop("method")).config_from_dict(options))
+        else:
+            raise ConfigError(f"methods: each entry is a preset or method name, or a mapping with 'method'; got {entry!r}")
+    return specs
+
+
+def build_dataset(spec: dict, encoder, shared: dict, report=None):
+    """One dataset from a `data` entry: a file in a known format, or the embedded easy-VQA data."""
+    from peft_vlm.data import SampleDataset, open_dataset
+    from peft_vlm.data import easy_vqa
+
+    spec = {**shared, **spec}
+    data_format = spec.get("format")
+    policy = spec.get("bad_samples", "error")
+    if data_format == "easy_vqa":
+        records = easy_vqa.instruction_samples(spec.get("split", "train"), spec.get("limit"), **spec.get("options", {}))
+        return SampleDataset(records, encoder, policy, report)
+    if data_format == "easy_vqa_captions":
+        return SampleDataset(easy_vqa.caption_samples(spec.get("split", "train")), encoder, policy, report)
+    if "path" not in spec:
+        raise ConfigError(f"data entry {spec!r} needs a 'path' (or format easy_vqa / easy_vqa_captions)")
+    return open_dataset(spec["path"], data_format, encoder, policy, spec.get("image_root"), report=report)
+
+
+def stages(recipe: dict) -> list[dict]:
+    """The recipe as a list of stages (a recipe without `stages` is one stage)."""
+    base = {key: recipe.get(key) for key in ("methods", "data", "train")}
+    if not recipe.get("stages"):
+        return [{"name": recipe["name"], **base}]
+    result = []
+    for index, stage in enumerate(recipe["stages"]):
+        data = dict(base["data"] or {})
+        if any(stream in stage.get("data", {}) for stream in STREAMS):  # a stage's streams replace the recipe's
+            data = {key: value for key, value in data.items() if key not in STREAMS}
+        data.update(stage.get("data", {}))
+        result.append({
+            "name": stage.get("name", f"stage{index + 1}"),
+            # the recipe's own methods come with the first stage; later stages add theirs
+            "methods": ([] if index else list(base["methods"] or [])) + list(stage.get("methods", [])),
+            "data": data,
+            "train": {**(base["train"] or {}), **stage.get("train", {})},
+        })
+    return result
+
+
+def evaluation_questions(spec: dict) -> list:
+    """Questions for `vqa_accuracy`: easy-VQA's test split (evenly spaced `limit` questions) or a LLaVA-format file."""
+    from peft_vlm.data import easy_vqa, read_dataset
+    from peft_vlm.training.evaluate import Question
+
+    if spec.get("format") == "easy_vqa":
+        samples = easy_vqa.instruction_samples(spec.get("split", "test")).samples
+        kind_of = easy_vqa.question_type
+    elif "path" in spec:
+        records = read_dataset(spec["path"], spec.get("format", "llava"), spec.get("image_root"))
+        samples = [records[i] for i in range(len(records))]
+        kind_of = None
+    else:
+        raise ConfigError("eval section needs format: easy_vqa, or a path to a LLaVA-format file")
+    limit = spec.get("limit")
+    if limit and limit < len(samples):
+        samples = [samples[i * len(samples) // limit] for i in range(limit)]
+    return [Question.from_sample(sample, kind_of) for sample in samples]
+
+
+def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
+    """Build the model, train every stage, save the adapter, evaluate; returns the figures it printed."""
+    import time
+
+    from peft_vlm.data import SampleEncoder
+    from peft_vlm.plugins import apply
+    from peft_vlm.summary import trainable_summary
+    from peft_vlm.training import JointTrainer, TrainConfig
+    from peft_vlm.training import evaluate
+
+    start = time.time()
+    figures: dict[str, Any] = {"recipe": recipe["name"]}
+    model = build_model(recipe.get("model") or {})
+    eval_spec = recipe.get("eval")
+    questions = evaluation_questions(eval_spec) if eval_spec else []
+    if questions and eval_spec.get("zero_shot"):
+        figures["zero_shot"] = evaluate.vqa_accuracy(model, questions, progress=True)
+        log(f"zero-shot (untouched model): {figures['zero_shot']}")
+    all_stages = stages(recipe)
+    output_root = Path((recipe.get("train") or {}).get("output_dir", f"out/{recipe['name']}"))
+    result = None
+    for stage in all_stages:
+        apply(model, *method_specs(stage["methods"]))
+        data = dict(stage["data"] or {})
+        shared = {k: data.pop(k) for k in ("bad_samples", "image_root") if k in data}
+        encoder = SampleEncoder.for_model(model, resize=data.pop("resize", "resize"), max_length=data.pop("max_length", None))
+        datasets = {stream: build_dataset(data.pop(stream), encoder, shared) for stream in STREAMS if stream in data}
+        if data:
+            raise ConfigError(f"data section: unknown option(s) {', '.join(sorted(data))}")
+        train_options = dict(stage["train"] or {})
+        train_options["output_dir"] = str(output_root / stage["name"]) if len(all_stages) > 1 else str(output_root)
+        config = TrainConfig.from_dict(train_options)
+        log(f"stage {stage['name']}:\n{trainable_summary(model)}")
+        trainer = JointTrainer(
+            model, config,
+            data=datasets.get("train"), caption_data=datasets.get("captions"), instruction_data=datasets.get("instructions"),
+        )
+        result = trainer.train()
+        for dataset in datasets.values():
+            if dataset.report.bad or dataset.report.truncated:
+                log(dataset.report.summary())
+        if not trainer.accelerator.is_main_process:
+            return figures
+    figures["adapter"] = str(result.adapter_path)
+    figures["adapter_bytes"] = result.adapter_path.stat().st_size
+    figures["trainable_parameters"] = trainable_summary(model).trainable_parameters
+    figures["train_seconds"] = result.seconds
+    if questions:
+        figures["accuracy"] = evaluate.vqa_accuracy(model, questions, progress=True)
+        if eval_spec.get("grey_image"):
+            figures["grey_image"] = evaluate.vqa_accuracy(model, questions, replace_image=evaluate.grey_image(model))
+        if eval_spec.get("format") == "easy_vqa" and eval_spec.get("text_only_ceiling"):
+            from peft_vlm.data import easy_vqa
+
+            figures["text_only_ceiling"] = easy_vqa.text_only_ceiling()
+    figures["wall_seconds"] = time.time() - start
+    return figures
+
