@@ -38,6 +38,7 @@ _LAZY = {
     "EarlyFusionConfig": "peft_vlm.methods.early_fusion",
     "VisualQueryPromptConfig": "peft_vlm.methods.early_fusion",
     "VisualExpertConfig": "peft_vlm.methods.visual_expert",
+    "GatedCrossAttentionConfig": "peft_vlm.methods.gated_cross_attention",
 }
 
 

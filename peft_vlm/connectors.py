@@ -1,10 +1,13 @@
 """Connectors: project the vision tower's patch tokens into the language model's embedding space.
 
 Registered by name; `connector="mlp2x_gelu"` is LLaVA-1.5's projector, `"linear"` LLaVA-1's, `"downsample2x2_mlp"`
-CogVLM2's (a quarter of the visual tokens).
+CogVLM2's (a quarter of the visual tokens). Connectors with learned queries (`"perceiver_resampler"`, Flamingo;
+`"qformer"`, BLIP-2) live in `peft_vlm.connectors_literature`, loaded by import path when the registry is first read,
+as built-in methods are, so neither module imports the other at load time.
 """
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Callable
 
@@ -14,6 +17,7 @@ from torch import nn
 from peft_vlm.errors import ConfigError
 
 _connectors: dict[str, Callable[[int, int], nn.Module]] = {}
+BUILTIN_CONNECTOR_MODULES = ("peft_vlm.connectors_literature",)
 
 
 def register_connector(name: str):
@@ -82,11 +86,17 @@ class Downsample2x2MlpConnector(Connector):
         return self.mlp(blocks.reshape(images, half * half, 4 * width))
 
 
+def _load_builtin_modules() -> None:
+    for module in BUILTIN_CONNECTOR_MODULES:
+        importlib.import_module(module)  # registers its connectors; a no-op after the first time
+
+
 def available_connectors() -> list[str]:
+    _load_builtin_modules()
     return sorted(_connectors)
 
 
 def build_connector(name: str, vision_width: int, hidden_size: int) -> Connector:
-    if name not in _connectors:
+    if name not in available_connectors():
         raise ConfigError(f"unknown connector '{name}'; available connectors: {', '.join(available_connectors())}")
     return _connectors[name](vision_width, hidden_size)

@@ -26,6 +26,7 @@ BUILTIN_METHODS = {
     "early_fusion": "peft_vlm.methods.early_fusion:EarlyFusionMethod",
     "visual_query_prompt": "peft_vlm.methods.early_fusion:VisualQueryPromptMethod",
     "visual_expert": "peft_vlm.methods.visual_expert:VisualExpertMethod",
+    "gated_cross_attention": "peft_vlm.methods.gated_cross_attention:GatedCrossAttentionMethod",
 }
 
 
