@@ -64,7 +64,11 @@ class VisionLanguageModel(nn.Module):
         connector: str = "mlp2x_gelu",
         train_connector: bool = True,
         use_chat_template: bool = True,
+        image_boundaries: tuple[str, str] | None = None,
+        train_vision_tower: bool = False,
     ):
+        """`image_boundaries` (open, close) wraps each image's visual tokens in those strings as text (KOSMOS-1);
+        `train_vision_tower` unfreezes the tower as a built-in part, group "vision" (off, as Prismatic advises)."""
         super().__init__()
         model_type = getattr(language_model.config, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -73,6 +77,7 @@ class VisionLanguageModel(nn.Module):
         self.vision_tower = vision_tower
         self.tokenizer = tokenizer
         self.use_chat_template = use_chat_template
+        self.image_boundaries = tuple(image_boundaries) if image_boundaries else None
         self.connector_name = connector
         hidden_size = language_model.get_input_embeddings().embedding_dim
         self.connector = build_connector(connector, vision_tower.width, hidden_size)
@@ -82,6 +87,8 @@ class VisionLanguageModel(nn.Module):
         state = state_of(self)
         if train_connector:
             state.add(AppliedMethod("connector", {"connector": connector}, None, {"vision": list(self.connector.parameters())}))
+        if train_vision_tower:
+            state.add(AppliedMethod("vision_tower", {}, None, {"vision": list(vision_tower.parameters())}))
         routing.install(self, language_model)
         refresh_trainable(self)
 
@@ -98,6 +105,8 @@ class VisionLanguageModel(nn.Module):
         connector: str = "mlp2x_gelu",
         load_in_4bit: bool = False,
         dtype: Any = None,
+        image_boundaries: tuple[str, str] | None = None,
+        train_vision_tower: bool = False,
         **kwargs,
     ) -> "VisionLanguageModel":
         """Build from a language model (local folder, hub id, or `llm=` instance with `tokenizer=`) and a vision tower
@@ -117,7 +126,8 @@ class VisionLanguageModel(nn.Module):
             raise ConfigError("llm=<PreTrainedModel> needs tokenizer= too")
         tower = build_vision_tower(vision, pretrained=vision_pretrained, **(vision_options or {}))
         tower.to(next(llm.parameters()).device)
-        return cls(llm, tokenizer, tower, connector=connector)
+        return cls(llm, tokenizer, tower, connector=connector, image_boundaries=image_boundaries,
+                   train_vision_tower=train_vision_tower)
 
     def base_spec(self) -> dict[str, Any]:
         """How to rebuild this base (the `model` section of a recipe); stored in adapter files for `peft-vlm generate`."""
@@ -223,7 +233,8 @@ class VisionLanguageModel(nn.Module):
                     f"prompt #{index} has {prompt.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) "
                     f"but {len(own_images)} image(s)"
                 )
-            ids = tokenize_with_images(self.tokenizer, format_chat(self.tokenizer, prompt, chat), self.tokens_per_image)
+            text = format_chat(self.tokenizer, prompt, chat)
+            ids = tokenize_with_images(self.tokenizer, text, self.tokens_per_image, boundaries=self.image_boundaries)
             labels = [IGNORE_INDEX] * len(ids)
             if answers is not None:
                 answer_ids = self.tokenizer(answers[index], add_special_tokens=False)["input_ids"]

@@ -37,13 +37,21 @@ def leading_special_ids(tokenizer) -> list[int]:
     return [i for i in ids if i in tokenizer.all_special_ids]
 
 
-def tokenize_with_images(tokenizer, text: str, tokens_per_image: int, add_special_tokens: bool = True) -> list[int]:
-    """Token ids of `text`, each placeholder expanded to `tokens_per_image` IMAGE_TOKEN_ID sentinels."""
+def tokenize_with_images(
+    tokenizer, text: str, tokens_per_image: int, add_special_tokens: bool = True, boundaries: tuple[str, str] | None = None
+) -> list[int]:
+    """Token ids of `text`, each placeholder expanded to `tokens_per_image` IMAGE_TOKEN_ID sentinels.
+
+    `boundaries` (open, close), e.g. ("<img>", "</img>"), wraps every image's run in those strings tokenized as
+    ordinary text (KOSMOS-1's image boundaries, arXiv 2302.14045 sec 2.1, without adding tokens to the vocabulary),
+    so images anywhere in a prompt stay apart from the text and from each other."""
     ids = list(leading_special_ids(tokenizer)) if add_special_tokens else []
+    open_ids, close_ids = ([tokenizer(b, add_special_tokens=False)["input_ids"] for b in boundaries]
+                           if boundaries else ([], []))
     chunks = text.split(IMAGE_PLACEHOLDER)
     for index, chunk in enumerate(chunks):
         if index:
-            ids.extend([IMAGE_TOKEN_ID] * tokens_per_image)
+            ids.extend([*open_ids, *[IMAGE_TOKEN_ID] * tokens_per_image, *close_ids])
         if chunk:
             ids.extend(tokenizer(chunk, add_special_tokens=False)["input_ids"])
     return ids

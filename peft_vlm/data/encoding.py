@@ -33,7 +33,8 @@ class SampleEncoder:
     """Turns samples into training examples for one tokenizer and vision tower. Raises DataError for a bad row."""
 
     def __init__(self, tokenizer, tokens_per_image: int, image_processor: ImageProcessor | None = None,
-                 max_length: int | None = None, use_chat_template: bool = True, check_alignment: bool = True):
+                 max_length: int | None = None, use_chat_template: bool = True, check_alignment: bool = True,
+                 image_boundaries: tuple[str, str] | None = None):
         if max_length is not None and max_length < 1:
             raise ConfigError(f"max_length={max_length} must be a positive number of tokens")
         self.tokenizer = tokenizer
@@ -42,6 +43,7 @@ class SampleEncoder:
         self.max_length = max_length
         self.use_chat_template = use_chat_template
         self.check_alignment = check_alignment
+        self.image_boundaries = image_boundaries
 
     @classmethod
     def for_model(cls, model, resize: str = "resize", max_length: int | None = None, **options) -> "SampleEncoder":
@@ -49,6 +51,7 @@ class SampleEncoder:
         `max_length` defaults to the language model's context length."""
         max_length = max_length or getattr(model.config, "max_position_embeddings", None)
         options.setdefault("use_chat_template", model.use_chat_template)
+        options.setdefault("image_boundaries", getattr(model, "image_boundaries", None))
         processor = ImageProcessor.for_tower(model.vision_tower, resize)
         return cls(model.tokenizer, model.tokens_per_image, processor, max_length, **options)
 
@@ -78,7 +81,8 @@ class SampleEncoder:
         ids, labels, answers = [], [], []
         for text, is_answer in segments:
             piece = tokenize_with_images(self.tokenizer, text, self.tokens_per_image, add_special_tokens=not ids
-                                         and not text.startswith(self.tokenizer.bos_token or "\0"))
+                                         and not text.startswith(self.tokenizer.bos_token or "\0"),
+                                         boundaries=self.image_boundaries)
             if is_answer:
                 if not piece or piece[-1] != self.tokenizer.eos_token_id:
                     piece.append(self.tokenizer.eos_token_id)
