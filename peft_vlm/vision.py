@@ -1,17 +1,24 @@
 """Vision towers: anything that turns a batch of images into patch tokens (batch, tokens, width).
 
 `OpenClipVisionTower` wraps the vision half of an `open_clip` model and takes the patch tokens of one of its
-transformer blocks (the second to last by default, as LLaVA does). Any other `nn.Module` that maps pixels to
-(batch, tokens, width) can be used through `ModuleVisionTower`.
+transformer blocks (the second to last by default, as LLaVA does). `TimmVisionTower` does the same for a `timm`
+ViT (`"timm:vit_large_patch14_dinov2"`, DINOv2's architecture). Any other `nn.Module` that maps pixels to
+(batch, tokens, width) can be used through `ModuleVisionTower`. `FusedVisionTower` puts two towers side by side
+(Prismatic's DINOv2 + SigLIP): their patch features are concatenated along channels.
 """
 from __future__ import annotations
 
 from typing import Callable
 
+import math
+
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from peft_vlm.errors import ModelLoadError
+from peft_vlm.errors import ConfigError, ModelLoadError
+
+TIMM_PREFIX = "timm:"
 
 
 class VisionTower(nn.Module):
@@ -54,8 +61,10 @@ class OpenClipVisionTower(VisionTower):
         self.feature_layer = feature_layer % blocks
         self.width = self.visual.transformer.width
         self.image_size = tuple(self.visual.image_size)
-        self.num_tokens = self.visual.grid_size[0] * self.visual.grid_size[1]
+        self.grid_size = tuple(self.visual.grid_size)
+        self.num_tokens = self.grid_size[0] * self.grid_size[1]
         self.preprocess = preprocess
+        self.preprocess_cfg = dict(getattr(self.visual, "preprocess_cfg", None) or {})
         self.description = {"open_clip": name, "pretrained": pretrained, "feature_layer": self.feature_layer}
         if pretrained is None:
             self.description["seed"] = seed
@@ -90,11 +99,123 @@ class ModuleVisionTower(VisionTower):
         return self.module(pixel_values)
 
 
-def build_vision_tower(vision: str | nn.Module, pretrained: str | None = None, **options) -> VisionTower:
+class TimmVisionTower(VisionTower):
+    """A `timm` ViT, e.g. DINOv2's `vit_large_patch14_dinov2`: patch tokens (prefix tokens dropped) of one block,
+    the second to last by default. `model_options` go to `timm.create_model` (img_size, patch_size, ...)."""
+
+    def __init__(self, name: str, pretrained: bool = False, feature_layer: int = -2, seed: int = 0, **model_options):
+        super().__init__()
+        import timm
+
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self.model = timm.create_model(name, pretrained=bool(pretrained), num_classes=0, **model_options)
+        except (RuntimeError, TypeError) as error:
+            raise ModelLoadError(f"timm could not create vision tower '{name}': {error}") from None
+        if not hasattr(self.model, "forward_intermediates") or not hasattr(self.model, "patch_embed"):
+            raise ModelLoadError(f"timm model '{name}' is not a ViT; patch tokens are taken from ViT towers only")
+        blocks = len(self.model.blocks)
+        if not -blocks <= feature_layer < blocks:
+            raise ModelLoadError(f"feature_layer={feature_layer} is out of range for '{name}' ({blocks} blocks)")
+        self.feature_layer = feature_layer % blocks
+        self.grid_size = tuple(self.model.patch_embed.grid_size)
+        self.num_tokens, self.width = self.grid_size[0] * self.grid_size[1], self.model.num_features
+        self.image_size = tuple(self.model.patch_embed.img_size)
+        config = {**timm.data.resolve_model_data_config(self.model), "input_size": (3, *self.image_size)}
+        self.preprocess = timm.data.create_transform(**config, is_training=False)
+        self.preprocess_cfg = {key: config[key] for key in ("mean", "std", "interpolation")}
+        self.description = {"timm": name, "pretrained": bool(pretrained), "feature_layer": self.feature_layer,
+                            **{key: value for key, value in model_options.items() if isinstance(value, (int, float, str))}}
+        if not pretrained:
+            self.description["seed"] = seed
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_intermediates(
+            pixel_values, indices=[self.feature_layer], intermediates_only=True, output_fmt="NLC"
+        )[0]
+
+
+def token_grid(tower: VisionTower) -> tuple[int, int] | None:
+    """(rows, columns) of a tower's patch tokens: its own grid, else a square one, else None (unknown)."""
+    grid = getattr(tower, "grid_size", None)
+    if grid is not None:
+        return tuple(grid)
+    side = math.isqrt(tower.num_tokens)
+    return (side, side) if side * side == tower.num_tokens else None
+
+
+def _normalisation(tower: VisionTower) -> tuple[torch.Tensor, torch.Tensor]:
+    config = getattr(tower, "preprocess_cfg", None) or {}
+    from peft_vlm.data.images import OPENAI_MEAN, OPENAI_STD
+
+    mean, std = config.get("mean", OPENAI_MEAN), config.get("std", OPENAI_STD)
+    return torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+
+
+class FusedVisionTower(VisionTower):
+    """Prismatic (Karamcheti et al., arXiv 2402.07865) sec 4.3: two frozen towers side by side, e.g. a SigLIP/CLIP
+    tower for semantics and a DINOv2 tower for spatial detail; each image token is [first; second] along channels.
+
+    Images come in at the first tower's size and normalisation (its preprocessing, and what the data pipeline
+    produces); the second tower gets them re-normalised with its own statistics and resized to its own input
+    size. Its token grid is interpolated (bilinear) to the first tower's grid when the two differ; a tower whose
+    grid is unknown (non-square) must match the other's token count exactly, otherwise the tower is refused.
+    """
+
+    def __init__(self, first: VisionTower, second: VisionTower, interpolate: bool = True):
+        super().__init__()
+        self.towers = nn.ModuleList([first, second])
+        grids = [token_grid(first), token_grid(second)]
+        self.resample = None not in grids and grids[0] != grids[1]
+        if (self.resample and not interpolate) or (None in grids and first.num_tokens != second.num_tokens):
+            raise ConfigError(
+                f"fused vision towers need matching token grids: the first gives {first.num_tokens} tokens "
+                f"(grid {grids[0]}), the second {second.num_tokens} (grid {grids[1]})"
+                + ("" if interpolate else "; pass interpolate=True to resample the second grid")
+            )
+        self.grid_size = grids[0]
+        self.width = first.width + second.width
+        self.num_tokens, self.image_size = first.num_tokens, tuple(first.image_size)
+        self.preprocess, self.preprocess_cfg = first.preprocess, dict(getattr(first, "preprocess_cfg", None) or {})
+        self.description = {"fused": [first.description, second.description]}
+        (mean_in, std_in), (mean, std) = _normalisation(first), _normalisation(second)
+        self.register_buffer("rescale", std_in / std, persistent=False)  # x' = (x std_1 + mean_1 - mean_2) / std_2
+        self.register_buffer("shift", (mean_in - mean) / std, persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        first, second = self.towers
+        pixels = pixel_values * self.rescale.to(pixel_values) + self.shift.to(pixel_values)
+        if tuple(pixels.shape[-2:]) != tuple(second.image_size):
+            pixels = F.interpolate(pixels, size=tuple(second.image_size), mode="bilinear", align_corners=False)
+        features = [first(pixel_values), second(pixels)]
+        if self.resample:
+            (rows, cols), (rows2, cols2) = self.grid_size, token_grid(second)
+            grid = features[1].transpose(1, 2).reshape(len(pixels), -1, rows2, cols2)
+            grid = F.interpolate(grid, size=(rows, cols), mode="bilinear", align_corners=False)
+            features[1] = grid.flatten(2).transpose(1, 2)
+        return torch.cat([features[0], features[1].to(features[0].dtype)], dim=-1)
+
+
+def _single_tower(vision, pretrained=None, **options) -> VisionTower:
     if isinstance(vision, VisionTower):
         return vision
+    if isinstance(vision, str) and vision.startswith(TIMM_PREFIX):
+        return TimmVisionTower(vision[len(TIMM_PREFIX):], pretrained=bool(pretrained), **options)
     if isinstance(vision, str):
         return OpenClipVisionTower(vision, pretrained=pretrained, **options)
     if isinstance(vision, nn.Module):
         return ModuleVisionTower(vision, **options)
     raise ModelLoadError(f"vision= must be an open_clip model name or an nn.Module, got {type(vision).__name__}")
+
+
+def build_vision_tower(vision, pretrained: str | None = None, **options) -> VisionTower:
+    """A tower from an open_clip name, "timm:NAME", a module, or a list of two of those (each a name, a module, or
+    a mapping {vision: NAME, pretrained: TAG, ...options}) for a `FusedVisionTower`."""
+    if not isinstance(vision, (list, tuple)):
+        return _single_tower(vision, pretrained, **options)
+    if len(vision) != 2 or pretrained is not None or options:
+        raise ConfigError("a fused vision tower takes a list of exactly two towers, each with its own options "
+                          "as a mapping {vision: NAME, pretrained: TAG, ...}")
+    towers = [_single_tower(**spec) if isinstance(spec, dict) else _single_tower(spec) for spec in vision]
+    return FusedVisionTower(*towers)

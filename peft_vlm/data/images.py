@@ -69,7 +69,8 @@ class ImageProcessor:
     @classmethod
     def for_tower(cls, tower, mode: str = "resize") -> "ImageProcessor":
         """Use the tower's input size and normalisation (open_clip's preprocess config where there is one)."""
-        config = getattr(getattr(tower, "visual", None), "preprocess_cfg", None) or {}
+        visual = getattr(tower, "visual", None)  # an open_clip tower's own preprocessing config
+        config = getattr(tower, "preprocess_cfg", None) or getattr(visual, "preprocess_cfg", None) or {}
         return cls(tower.image_size, mode, mean=config.get("mean", OPENAI_MEAN), std=config.get("std", OPENAI_STD),
                    interpolation=config.get("interpolation", "bicubic"))
 
