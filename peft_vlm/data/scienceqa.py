@@ -1,0 +1,164 @@
+"""ScienceQA (Lu et al., arXiv 2209.09513): multiple-choice science questions with an optional image, a text context
+(the "hint"), a lecture and a solution; read from the dataset's own `problems.json`, scored by subject and context.
+
+    problems.json: {"<id>": {"question", "choices": [...], "answer": <index>, "hint", "image": "image.png" or null,
+                             "lecture", "solution", "subject", "grade", "split", ...}, ...}
+    images:        <image_root>/<split>/<id>/image.png  (image_root defaults to an `images` folder next to the
+                   JSON file, where the dataset's download puts them, else the JSON file's folder)
+
+Prompts follow the format used by LLaVA and LLaMA-Adapter on ScienceQA: "Context: ...\\nQuestion: ...\\nOptions:
+(A) ... (B) ..." with the image in front; answers are "The answer is (B)." and, with `reasoning`, the lecture and
+solution after the answer ("after", the paper's QCM->ALE) or before it ("before", chain of thought). Accuracy is
+reported overall, by subject (natural science, social science, language science) and by context modality (text:
+a non-empty hint; image; none), as in the paper's table; a question with both a hint and an image counts in both.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from peft_vlm.data.formats import SampleList
+from peft_vlm.errors import ConfigError
+from peft_vlm.prompting import IMAGE_PLACEHOLDER
+
+LETTERS = "ABCDEFGH"
+REASONING = (None, "after", "before")
+CONTEXTS = ("text", "image", "none")
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    question: str
+    choices: tuple[str, ...]
+    answer: int
+    hint: str = ""
+    image: str | None = None  # path of the image file
+    lecture: str = ""
+    solution: str = ""
+    subject: str = ""
+
+    @property
+    def letter(self) -> str:
+        return LETTERS[self.answer]
+
+    @property
+    def contexts(self) -> tuple[str, ...]:
+        """The paper's context modalities: TXT (a hint), IMG (an image), NO (neither)."""
+        found = tuple(name for name, present in (("text", self.hint.strip()), ("image", self.image)) if present)
+        return found or ("none",)
+
+    def prompt(self) -> str:
+        options = " ".join(f"({LETTERS[i]}) {choice}" for i, choice in enumerate(self.choices))
+        context = self.hint.strip() or "N/A"
+        text = f"Context: {context}\nQuestion: {self.question}\nOptions: {options}"
+        return f"{IMAGE_PLACEHOLDER}\n{text}" if self.image else text
+
+    def target(self, reasoning: str | None = None) -> str:
+        answer = f"The answer is ({self.letter})."
+        explanation = " ".join(part.strip() for part in (self.lecture, self.solution) if part.strip())
+        if reasoning == "after" and explanation:
+            return f"{answer} BECAUSE: {explanation}"
+        if reasoning == "before" and explanation:
+            return f"{explanation}\n{answer}"
+        return answer
+
+
+def read_problems(path: str | Path, split: str | None = "test", image_root: str | Path | None = None) -> list[Problem]:
+    """The problems of one split (all with `split=None`) in file order; a malformed entry is a ConfigError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no ScienceQA problems file at '{path}'")
+    try:
+        table = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"'{path}' is not valid JSON: {error}") from None
+    if not isinstance(table, dict):
+        raise ConfigError(f"'{path}': ScienceQA's problems.json maps problem ids to problems")
+    root = Path(image_root) if image_root else (path.parent / "images" if (path.parent / "images").is_dir() else path.parent)
+    problems = []
+    for problem_id, entry in table.items():
+        if split is not None and entry.get("split") != split:
+            continue
+        try:
+            choices = tuple(str(c) for c in entry["choices"])
+            if not 2 <= len(choices) <= len(LETTERS) or not 0 <= int(entry["answer"]) < len(choices):
+                raise ValueError(f"answer {entry['answer']!r} for {len(choices)} choices")
+            image = entry.get("image")
+            problems.append(Problem(
+                str(problem_id), str(entry["question"]), choices, int(entry["answer"]), entry.get("hint") or "",
+                str(root / entry.get("split", split or "") / str(problem_id) / image) if image else None,
+                entry.get("lecture") or "", entry.get("solution") or "", entry.get("subject") or "",
+            ))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ConfigError(f"'{path}', problem {problem_id}: not in ScienceQA's layout ({error})") from None
+    return problems
+
+
+def training_samples(problems: Sequence[Problem], reasoning: str | None = None) -> SampleList:
+    """Single-turn samples for `SampleEncoder` / `SampleDataset`: the prompt, then the answer (with reasoning)."""
+    if reasoning not in REASONING:
+        raise ConfigError(f"reasoning={reasoning!r}; use one of {', '.join(map(str, REASONING))}")
+    return SampleList([
+        {"messages": [{"role": "user", "content": p.prompt()}, {"role": "assistant", "content": p.target(reasoning)}],
+         "images": [p.image] if p.image else [], "source": f"scienceqa:{p.id}"}
+        for p in problems
+    ])
+
+
+@dataclass
+class ScienceQAAccuracy:
+    correct: Counter = field(default_factory=Counter)
+    total: Counter = field(default_factory=Counter)
+    answers: dict[str, str] = field(default_factory=dict)  # problem id -> the model's text
+
+    def add(self, problem: Problem, answered: str) -> None:
+        from peft_vlm.training.evaluate import multiple_choice_letter  # training sits above data: import on use
+
+        hit = multiple_choice_letter(answered) == problem.letter
+        for key in ("all", f"subject:{problem.subject}", *(f"context:{c}" for c in problem.contexts)):
+            self.total[key] += 1
+            self.correct[key] += hit
+        self.answers[problem.id] = answered
+
+    def __getitem__(self, key: str) -> float:
+        return self.correct[key] / self.total[key] if self.total[key] else float("nan")
+
+    def by(self, kind: str) -> dict[str, float]:
+        """{"natural science": 0.8, ...} for kind "subject"; {"text": ..., "image": ..., "none": ...} for "context"."""
+        prefix = f"{kind}:"
+        return {key[len(prefix):]: self[key] for key in sorted(self.total) if key.startswith(prefix)}
+
+    def __str__(self) -> str:
+        parts = [f"all {100 * self['all']:.1f}% ({self.total['all']})"]
+        parts += [f"{name} {100 * value:.1f}%" for kind in ("subject", "context") for name, value in self.by(kind).items()]
+        return "  ".join(parts)
+
+
+def score(problems: Sequence[Problem], answers: Sequence[str]) -> ScienceQAAccuracy:
+    accuracy = ScienceQAAccuracy()
+    for problem, answered in zip(problems, answers, strict=True):
+        accuracy.add(problem, answered)
+    return accuracy
+
+
+def evaluate(model, problems: Sequence[Problem], batch_size: int = 8, max_new_tokens: int = 12,
+             expert: Callable | None = None) -> ScienceQAAccuracy:
+    """Greedy answers of a VisionLanguageModel, scored. `expert` (see `peft_vlm.expert_context`) adds an external
+    model's text about each image (a caption, OCR) to the prompt as context."""
+    from PIL import Image
+
+    answers = []
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start:start + batch_size]
+        images = [Image.open(p.image).convert("RGB") if p.image else None for p in chunk]
+        prompts = [p.prompt() for p in chunk]
+        if expert is not None:
+            from peft_vlm.expert_context import with_expert_context
+
+            prompts = with_expert_context(prompts, images, expert)
+        answers += model.generate(images=images, prompts=prompts, max_new_tokens=max_new_tokens)
+    return score(problems, answers)
