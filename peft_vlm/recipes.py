@@ -98,7 +98,10 @@ def build_model(spec: dict):
         language_model = default_language_model_path()
     if vision == EMBEDDED:
         vision = register_default_vision()
-    known = {"vision_pretrained", "connector", "load_in_4bit", "vision_options", "dtype"}
+    elif isinstance(vision, list):  # two fused towers, either of them may be the embedded one
+        vision = [register_default_vision() if tower == EMBEDDED else tower for tower in vision]
+    known = {"vision_pretrained", "connector", "load_in_4bit", "vision_options", "dtype", "train_vision_tower",
+             "image_boundaries"}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise ConfigError(f"model section: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
