@@ -132,3 +132,23 @@ def test_two_processes_write_the_same_adapter_as_one(tmp_path, sharding):
     for name in one:
         assert one[name].numel() > 0
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gradient_checkpointing_gives_the_same_step(vlm_factory, tmp_path):
+    updated = []
+    for checkpointing in (False, True):
+        model = pv.apply(vlm_factory(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), pv.AdaptionPromptConfig(length=2, layers=2))
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name.endswith(".gate"):
+                    parameter.fill_(0.5)
+        encoder = SampleEncoder.for_model(model)
+        config = pv.TrainConfig(output_dir=str(tmp_path / str(checkpointing)), max_steps=1, batch_size=2, report_to=None,
+                                progress_bar=False, gradient_checkpointing=checkpointing)
+        trainer = pv.JointTrainer(model, config, data=SampleDataset(samples("instruction", 4), encoder))
+        trainer.model.train()
+        trainer._train_step(trainer.streams["train"])
+        updated.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert model.language_model.is_gradient_checkpointing
+    for name in updated[0]:
+        torch.testing.assert_close(updated[1][name], updated[0][name], rtol=1e-5, atol=1e-6, msg=name)
