@@ -65,3 +65,18 @@ def test_easy_vqa_samples_encode_with_labels_on_the_one_word_answer(tokenizer):
     labels = [label for label in example["labels"] if label != IGNORE_INDEX]
     assert tokenizer.decode(labels, skip_special_tokens=True) == answer
     assert example["pixel_values"].shape == (1, 3, 32, 32)
+
+
+def test_type_weights_resample_question_types_reproducibly():
+    def kind(sample):
+        return ev.question_type(sample["messages"][0]["content"].split("\n", 1)[1])
+
+    kinds = [kind(s) for s in ev.instruction_samples("test", limit=400).samples]
+    weighted = ev.instruction_samples("test", limit=400, type_weights={"yes/no": 0.25, "shape": 2})
+    counts = {k: sum(kind(s) == k for s in weighted.samples) for k in ev.QUESTION_TYPES}
+    assert counts["color"] == kinds.count("color") and counts["shape"] == 2 * kinds.count("shape")
+    assert 0.15 < counts["yes/no"] / kinds.count("yes/no") < 0.35
+    again = ev.instruction_samples("test", limit=400, type_weights={"yes/no": 0.25, "shape": 2})
+    assert [s["source"] for s in again.samples] == [s["source"] for s in weighted.samples]
+    with pytest.raises(ev.ConfigError):
+        ev.instruction_samples("test", limit=4, type_weights={"colour": 2})

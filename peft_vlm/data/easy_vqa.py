@@ -1,6 +1,8 @@
 """easy-VQA (PyPI `easy-vqa`) as training data: 64x64 images of one coloured shape, questions with 13 one-word answers.
 
-- `instruction_samples(split)`: each question as a user turn about its image, the answer as the assistant turn.
+- `instruction_samples(split, type_weights=...)`: each question as a user turn about its image, the answer as the
+  assistant turn; `type_weights` resamples question types (e.g. {"yes/no": 0.25}: three in four yes/no questions
+  are left out, so that more of a short run's steps ask for a colour or a shape, the answers that need the image).
 - `caption_samples(split)`: "A red circle." per image. easy-VQA ships no captions, so colour and shape are
   read from the image's own questions: an open question answered with a colour or shape gives it directly (and
   names the other attribute in its text: "what color is the circle?"), a yes/no question states that a colour
@@ -12,6 +14,7 @@
 """
 from __future__ import annotations
 
+import random
 import re
 from functools import lru_cache
 from collections import Counter, defaultdict
@@ -60,13 +63,24 @@ def question_type(question: str) -> str:
     return "color" if re.search(r"\bcolou?r\b", question.lower()) else "shape"
 
 
-def instruction_samples(split: str, limit: int | None = None) -> SampleList:
-    samples = [
-        {"messages": [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{q.text}"},
-                      {"role": "assistant", "content": q.answer}],
-         "images": [q.image], "source": f"easy-vqa {split}:question {number}"}
-        for number, q in enumerate(questions(split)[:limit], start=1)
-    ]
+def instruction_samples(split: str, limit: int | None = None, type_weights: dict[str, float] | None = None,
+                        seed: int = 0) -> SampleList:
+    """One sample per question (the first `limit`). `type_weights` maps a question type to how many copies of each
+    of its questions to keep: 0.25 keeps a seeded quarter, 2 doubles them, 1.5 doubles a seeded half; types not
+    named keep weight 1. Three in four questions are yes/no and say little about the image, so a short run learns
+    more from a mix weighted towards colour and shape questions."""
+    weights = dict(type_weights or {})
+    unknown = sorted(set(weights) - set(QUESTION_TYPES))
+    if unknown or any(w < 0 for w in weights.values()):
+        raise ConfigError(f"type_weights={weights} needs non-negative weights for types among {', '.join(QUESTION_TYPES)}")
+    draw = random.Random(seed)
+    samples = []
+    for number, q in enumerate(questions(split)[:limit], start=1):
+        weight = weights.get(question_type(q.text), 1.0)
+        copies = int(weight) + (draw.random() < weight - int(weight))
+        samples += [{"messages": [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{q.text}"},
+                                  {"role": "assistant", "content": q.answer}],
+                     "images": [q.image], "source": f"easy-vqa {split}:question {number}"}] * copies
     return SampleList(samples)
 
 
