@@ -6,6 +6,7 @@ import peft_vlm as pv
 from peft_vlm.methods.gated_cross_attention import GatedCrossAttentionBlock, preceding_image
 from peft_vlm.presets import load_preset, preset_card
 from peft_vlm.routing import IMAGE, TEXT, RoutingContext
+from test_literature_connectors import train_steps
 
 RESAMPLER = "perceiver_resampler"
 
@@ -82,16 +83,7 @@ def test_cached_greedy_generation_equals_uncached(vlm_factory, images):
 def test_trains_with_the_resampler_then_saves_and_loads_exactly(vlm_factory, images, tmp_path):
     model = pv.apply(vlm_factory(connector=RESAMPLER), pv.GatedCrossAttentionConfig(every=1))
     batch = interleaved(model, images, answers=["a circle", "red", "a square"])
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    model.train()
-    losses = []
-    for _ in range(8):
-        optimizer.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    model.eval()
+    losses = train_steps(model, batch, steps=8)
     assert losses[-1] < losses[0] - 0.1
     pv.save_adapter(model, tmp_path / "adapter")
     reloaded = pv.load_adapter(vlm_factory(connector=RESAMPLER), tmp_path / "adapter")

@@ -102,6 +102,21 @@ def test_boundaries_reach_training_samples_too(vlm_factory, images):
     assert len(runs) == 2 and model.tokenizer.decode(encoded["input_ids"][runs[0][1]:runs[1][0]]) == "</img> and <img>"
 
 
+def train_steps(model, batch, steps, lr=3e-3):
+    """AdamW steps on one fixed batch; the losses seen, then the model back in eval mode."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
 SETUPS = {"perceiver_resampler": [pv.GatedCrossAttentionConfig(every=2)], "qformer": []}  # Flamingo, BLIP-2
 
 
@@ -111,16 +126,7 @@ def test_setup_trains_with_the_lm_frozen_and_saves_and_loads_exactly(vlm_factory
     trained = {name for name, p in model.language_model.named_parameters() if p.requires_grad}
     assert all(".gated_cross_attention." in name for name in trained) and (bool(trained) == bool(SETUPS[connector]))
     batch = model.tokenize(PROMPTS, [images, images[1]], answers=["a circle", "red"])
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    model.train()
-    losses = []
-    for _ in range(6):
-        optimizer.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    model.eval()
+    losses = train_steps(model, batch, steps=6)
     assert losses[-1] < losses[0] - 0.1
     pv.save_adapter(model, tmp_path / "adapter")
     reloaded = pv.load_adapter(vlm_factory(connector=connector), tmp_path / "adapter")
