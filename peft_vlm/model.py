@@ -133,13 +133,18 @@ class VisionLanguageModel(nn.Module):
         """How to rebuild this base (the `model` section of a recipe); stored in adapter files for `peft-vlm generate`."""
         from peft_vlm.embedded import describe_language_model, describe_vision
 
-        return {
+        spec = {
             "language_model": describe_language_model(getattr(self.language_model, "name_or_path", None)),
             "vision": describe_vision(self.vision_tower.description.get("open_clip")),
             "vision_pretrained": self.vision_tower.description.get("pretrained"),
             "connector": self.connector_name,
             "load_in_4bit": bool(getattr(self.language_model, "is_loaded_in_4bit", False)),
         }
+        if self.image_boundaries:  # options off by default are written only when on: older specs stay the same
+            spec["image_boundaries"] = list(self.image_boundaries)
+        if "vision_tower" in state_of(self).names():
+            spec["train_vision_tower"] = True
+        return spec
 
     # -- structure -------------------------------------------------------------------------------------------------
     @property

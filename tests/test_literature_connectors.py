@@ -139,3 +139,12 @@ def test_summary_lists_the_connector_in_group_vision(vlm_factory, connector):
     model = vlm_factory(connector=connector)
     rows = {(row.method, row.group): row.parameters for row in pv.trainable_summary(model).rows}
     assert rows == {("connector", "vision"): sum(p.numel() for p in model.connector.parameters())}
+
+
+def test_adapter_files_remember_the_image_boundaries(vlm_factory, tmp_path):
+    model = vlm_factory(connector="qformer")
+    model.image_boundaries = BOUNDARIES
+    pv.save_adapter(model, tmp_path / "adapter")
+    metadata, _ = pv.adapter_file.read_adapter(tmp_path / "adapter")
+    assert metadata["base_model"]["image_boundaries"] == list(BOUNDARIES)
+    assert "image_boundaries" not in vlm_factory().base_spec()
