@@ -30,7 +30,9 @@ METHODS = {
     "LLaMA-Adapter V2 (official code)": ["methods=[llama-adapter-v2-official]"],
     "LLaVA projector + LoRA": ["methods=[lora]"],
     "QLoRA (4-bit base + LoRA)": ["methods=[lora]", "model.load_in_4bit=true"],
-    "visual expert, low rank": ["methods=[cogvlm-expert-lowrank]"],
+    # The expert is the model's only adapter, so it takes the "language" role: instruction batches train it, caption
+    # batches train the connector.
+    "visual expert, low rank": ["methods=[{method: visual_expert, rank: 8, shared_image_position: true, group: language}]"],
 }
 
 
