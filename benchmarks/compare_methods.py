@@ -33,6 +33,12 @@ METHODS = {
     # The expert is the model's only adapter, so it takes the "language" role: instruction batches train it, caption
     # batches train the connector.
     "visual expert, low rank": ["methods=[{method: visual_expert, rank: 8, shared_image_position: true, group: language}]"],
+    # Flamingo: the resampler is the connector (caption batches), the gated blocks take the language role.
+    "Flamingo (resampler + gated xattn)": [
+        "model.connector=perceiver_resampler", "methods=[{method: gated_cross_attention, every: 4, group: language}]"
+    ],
+    # BLIP-2 trains the Q-Former alone with the LM frozen: one group, trained by every batch.
+    "BLIP-2 Q-Former": ["model.connector=qformer", "methods=[]", "train.instruction_groups=[]", "train.caption_ratio=1.0"],
 }
 
 
