@@ -37,8 +37,10 @@ METHODS = {
     "Flamingo (resampler + gated xattn)": [
         "model.connector=perceiver_resampler", "methods=[{method: gated_cross_attention, every: 4, group: language}]"
     ],
-    # BLIP-2 trains the Q-Former alone with the LM frozen: one group, trained by every batch.
-    "BLIP-2 Q-Former": ["model.connector=qformer", "methods=[]", "train.instruction_groups=[]", "train.caption_ratio=1.0"],
+    # BLIP-2 trains the Q-Former alone with the LM frozen: one group, trained on the instruction batches.
+    "BLIP-2 Q-Former": [
+        "model.connector=qformer", "methods=[]", "data.captions=null", "train.caption_groups=[]", "train.instruction_groups=[vision]"
+    ],
 }
 
 

@@ -209,7 +209,8 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
         data = dict(stage["data"] or {})
         shared = {k: data.pop(k) for k in ("bad_samples", "image_root") if k in data}
         encoder = SampleEncoder.for_model(model, resize=data.pop("resize", "resize"), max_length=data.pop("max_length", None))
-        datasets = {stream: build_dataset(data.pop(stream), encoder, shared) for stream in STREAMS if stream in data}
+        # a stream set to null (e.g. `--set data.captions=null`) is left out
+        datasets = {stream: build_dataset(spec, encoder, shared) for stream in STREAMS if (spec := data.pop(stream, None))}
         if data:
             raise ConfigError(f"data section: unknown option(s) {', '.join(sorted(data))}")
         train_options = dict(stage["train"] or {})
