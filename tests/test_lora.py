@@ -8,6 +8,14 @@ import peft_vlm as pv
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
 
 
+def nonzero_lora(model):
+    """Move LoRA away from its B = 0 start, so that it changes the outputs."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+
+
 def snapshot(model):
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
@@ -53,10 +61,7 @@ def test_lora_never_touches_vision_tower_or_connector(vlm_factory):
 def test_lora_merge_then_unmerge_keeps_outputs(lm_factory):
     model = lm_factory()
     pv.apply(model, peft.LoraConfig(**LORA))
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.1)
+    nonzero_lora(model)
     ids = torch.randint(0, 300, (1, 10))
     adapted = model(ids).logits
     pv.merge(model)
@@ -68,10 +73,7 @@ def test_lora_merge_then_unmerge_keeps_outputs(lm_factory):
 def test_peft_export_loads_with_plain_peft_and_gives_same_logits(lm_factory, tmp_path):
     model = lm_factory()
     pv.apply(model, peft.LoraConfig(**LORA))
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.1)
+    nonzero_lora(model)
     pv.export_peft(model, tmp_path / "peft")
     ids = torch.randint(0, 300, (2, 9))
     reloaded = peft.PeftModel.from_pretrained(lm_factory(), tmp_path / "peft")
