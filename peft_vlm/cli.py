@@ -25,7 +25,8 @@ def format_figures(figures: dict) -> str:
     """The end-of-run report: accuracy per question type against the grey-image, zero-shot and text-only figures."""
     lines = [f"== {figures['recipe']} =="]
     rows = [(name, figures[key]) for name, key in
-            [("trained, real image", "accuracy"), ("trained, grey image", "grey_image"), ("untouched model (zero-shot)", "zero_shot")]
+            [("trained, real image", "accuracy"), ("trained, grey image", "grey_image"),
+             ("adapter reloaded on a fresh base", "reloaded"), ("untouched model (zero-shot)", "zero_shot")]
             if key in figures]
     if "text_only_ceiling" in figures:
         rows.append(("text-only ceiling", figures["text_only_ceiling"]))
@@ -35,6 +36,9 @@ def format_figures(figures: dict) -> str:
         for name, accuracy in rows:
             values = _as_dict(accuracy)
             lines.append(f"{name:<30}" + "".join(f"{_percent(values[k]) if k in values else '-':>10}" for k in kinds))
+    if "reload_identical" in figures:
+        same = "identical answers" if figures["reload_identical"] else "DIFFERENT answers"
+        lines.append(f"saved adapter on a freshly loaded base: {same} on every question")
     if "trainable_parameters" in figures:
         lines.append(f"trainable parameters: {figures['trainable_parameters']:,}")
     if "adapter" in figures:

@@ -9,7 +9,8 @@
     train:    TrainConfig fields
     stages:   optional list of {name, methods, data, train} run in order on the same model (LLaVA's two stages);
               each stage adds its methods and overrides data/train
-    eval:     {format, split/path, limit, grey_image}  evaluated after training
+    eval:     {format, split/path, limit, grey_image, zero_shot, text_only_ceiling, verify_reload} evaluated after
+              training (verify_reload: load the saved adapter onto a freshly built base and answer again)
 
 Any value can be overridden from the command line: `--set train.max_steps=5 --set data.train.path=x.json`.
 "data formats": llava, caption, coco, alpaca (files), easy_vqa and easy_vqa_captions (the embedded demo data).
@@ -239,6 +240,14 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
             from peft_vlm.data import easy_vqa
 
             figures["text_only_ceiling"] = easy_vqa.text_only_ceiling()
+        if eval_spec.get("verify_reload"):
+            # the shared file must be the whole story: a fresh base plus the adapter answers exactly the same
+            from peft_vlm.adapter_file import load_adapter
+
+            reloaded = load_adapter(build_model(recipe.get("model") or {}), result.adapter_path)
+            figures["reloaded"] = evaluate.vqa_accuracy(reloaded, questions)
+            answers = [answer for _, _, answer in figures["accuracy"].examples]
+            figures["reload_identical"] = answers == [answer for _, _, answer in figures["reloaded"].examples]
     figures["wall_seconds"] = time.time() - start
     return figures
 

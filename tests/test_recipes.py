@@ -67,8 +67,10 @@ def test_joint_recipe_reports_accuracy_with_real_and_grey_images(tiny_files, tin
     recipe = str(RECIPES / "llama_adapter_v2_joint.yaml")
     cli(["train", recipe, "--max-steps", "2", *tiny_overrides(tiny_files, tiny_vit, "eval.limit=6", "eval.zero_shot=true")])
     out = capsys.readouterr().out
-    for row in ("trained, real image", "trained, grey image", "untouched model (zero-shot)", "text-only ceiling"):
+    for row in ("trained, real image", "trained, grey image", "untouched model (zero-shot)", "text-only ceiling",
+                "adapter reloaded on a fresh base"):
         assert row in out
+    assert "saved adapter on a freshly loaded base: identical answers on every question" in out
     assert "yes/no" in out and "examples:" in out
 
 
