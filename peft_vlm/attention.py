@@ -89,7 +89,9 @@ def install(language_model: nn.Module) -> str:
 
 def attention_modules(language_model: nn.Module) -> list[nn.Module]:
     """The self-attention module of every decoder layer, lowest layer first."""
-    modules = [m for m in language_model.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "k_proj")]
+    modules = [
+        m for m in language_model.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "k_proj")
+    ]
     return sorted(modules, key=lambda m: m.layer_idx)
 
 

@@ -37,7 +37,9 @@ class AdaptionPromptConfig:
 
     def __post_init__(self):
         if self.length < 1 or self.layers < 1:
-            raise ConfigError(f"AdaptionPromptConfig needs length >= 1 and layers >= 1, got {self.length} and {self.layers}")
+            raise ConfigError(
+                f"AdaptionPromptConfig needs length >= 1 and layers >= 1, got {self.length} and {self.layers}"
+            )
 
 
 def rows_mean(per_image: torch.Tensor, owner: torch.Tensor, rows: int) -> torch.Tensor:

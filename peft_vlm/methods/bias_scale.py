@@ -34,7 +34,9 @@ class BiasScaleConfig:
 
     def __post_init__(self):
         if isinstance(self.targets, str) and self.targets != "all-linear":
-            raise ConfigError(f"BiasScaleConfig targets must be 'all-linear' or a list of layer names, got {self.targets!r}")
+            raise ConfigError(
+                f"BiasScaleConfig targets must be 'all-linear' or a list of layer names, got {self.targets!r}"
+            )
 
 
 class BiasScale(nn.Module):

@@ -56,7 +56,8 @@ class EarlyFusion(nn.Module):
         extras = self.context.extras
         if "visual_tokens" not in extras:
             return None
-        tokens, mask, has_image = visual_tokens_by_row(extras["visual_tokens"], extras["image_owner"], call.query.shape[0])
+        rows = call.query.shape[0]
+        tokens, mask, has_image = visual_tokens_by_row(extras["visual_tokens"], extras["image_owner"], rows)
         # Rows without an image attend to placeholder tokens, then get exactly zero: no visual contribution.
         addition = gated_token_attention(call, tokens, self.gate, mask)
         return addition * has_image.to(addition.dtype).view(-1, 1, 1, 1)
@@ -87,7 +88,8 @@ class EarlyFusionMethod(Method):
     needs_vision = True
 
     def attach(self, model: nn.Module, language_model: nn.Module) -> dict[str, list[nn.Parameter]]:
-        context, heads, dtype = state_of(model).context, language_model.config.num_attention_heads, hidden_dtype(language_model)
+        context, dtype = state_of(model).context, hidden_dtype(language_model)
+        heads = language_model.config.num_attention_heads
         parameters = []
         for module in attention_modules(language_model)[: self.config.layers]:
             fusion = EarlyFusion(context, heads, layer_device(module), dtype)
@@ -111,7 +113,9 @@ class VisualQueryPromptConfig:
 class VisualQuery(VisualPromptOffset):
     """Patch tokens -> (images, length, hidden): the query tokens' outputs after the blocks, projected and normed."""
 
-    def __init__(self, context, config: VisualQueryPromptConfig, vision_width: int, length: int, hidden: int, device, dtype):
+    def __init__(
+        self, context, config: VisualQueryPromptConfig, vision_width: int, length: int, hidden: int, device, dtype
+    ):
         super().__init__(context)
         width = config.width
         with torch.device(device):
