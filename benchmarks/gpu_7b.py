@@ -1,0 +1,148 @@
+"""LLaMA-7B shape, random bf16 weights, one GPU: training tokens/s, peak memory and model FLOPs utilisation (MFU) of
+adaption prompts and LoRA (ours and peft's) against the floor, and the peak memory of a QLoRA step.
+
+MFU = achieved FLOP/s / ceiling. A frozen-base PEFT step costs about 4 x P x tokens FLOPs (forward 2, input
+gradients 2; no weight gradients of the base), P = the parameters that take part in matmuls (all but the input
+embeddings); attention's own FLOPs are not counted, so the figure is conservative. The ceiling is the bf16 matmul
+rate this script measures on the same GPU in the same run (8192^3 matmuls), not a datasheet number. The floor is the
+frozen model with one trainable scale at the lowest adapted layer's input (`common.add_floor_scale`). All variants
+share one copy of the frozen weights and alternate step by step; figures are medians after warm-up.
+
+QLoRA: the decoder's linear layers quantized to 4-bit NF4 (bitsandbytes), LoRA r=8 on every projection, gradient
+checkpointing, batch 1; its peak allocated memory is compared with the QLoRA paper's and LLaMA-Factory's ~6 GB.
+
+    python benchmarks/gpu_7b.py             # needs a CUDA GPU (about 45 GB free at the defaults)
+    python benchmarks/gpu_7b.py --quick     # SmolLM2 shape, few steps: checks the script on any GPU
+"""
+from __future__ import annotations
+
+import gc
+import sys
+
+import peft
+import torch
+
+import peft_vlm as pv
+import common  # this folder is on sys.path when a script here runs
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TOP_LAYERS = 30  # LLaMA-Adapter's L on the 32-layer 7B model
+
+
+def matmul_ceiling(size: int = 8192, repeats: int = 20) -> float:
+    """Measured bf16 matmul FLOP/s (median of `repeats` after warm-up)."""
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    runs = {"matmul": lambda: torch.mm(a, b)}
+    seconds = common.side_by_side(runs, repeats, 5, "cuda")["matmul"]
+    return 2 * size**3 / seconds
+
+
+def variants(base) -> dict:
+    top = min(TOP_LAYERS, base.config.num_hidden_layers)
+    lora = lambda: peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=PROJECTIONS)  # noqa: E731
+    return {
+        "floor (top L)": lambda m: common.add_floor_scale(m, m.config.num_hidden_layers - top),
+        "peft_vlm adaption prompt": lambda m: common.open_gates(
+            pv.apply(m, pv.AdaptionPromptConfig(length=10, layers=top))),
+        "peft AdaptionPrompt": lambda m: common.open_gates(peft.get_peft_model(m, peft.AdaptionPromptConfig(
+            adapter_len=10, adapter_layers=top, task_type="CAUSAL_LM"))),
+        "floor (all layers)": lambda m: common.add_floor_scale(m, 0),
+        "peft_vlm LoRA r=8": lambda m: pv.apply(m, lora()),
+        "peft LoRA r=8": lambda m: peft.get_peft_model(m, lora()),
+    }
+
+
+def training(args, ceiling: float) -> tuple[list[str], list[str]]:
+    base = common.build_base(args.shape, torch.bfloat16, "cuda")
+    matmul_parameters = sum(p.numel() for p in base.parameters()) - base.get_input_embeddings().weight.numel()
+    if base.get_output_embeddings().weight is base.get_input_embeddings().weight:
+        matmul_parameters += base.get_input_embeddings().weight.numel()  # tied: the head is still a matmul
+    batch = common.random_batch(base.config.vocab_size, args.batch, args.seq, "cuda")
+    models = {name: build(common.shared_copy(base)) for name, build in variants(base).items()}
+    runs = {name: common.make_step(model, batch) for name, model in models.items()}
+    load_before = common.load_average()
+    medians = common.side_by_side(runs, args.steps, args.warmup, "cuda")
+    memory = {name: common.step_memory(step, models[name], "cuda")[1] for name, step in runs.items()}
+    tokens = args.batch * args.seq
+    rows = []
+    for name in runs:
+        floor = "floor (top L)" if "daption" in name else "floor (all layers)"
+        mfu = 4 * matmul_parameters * tokens / medians[name] / ceiling
+        rows.append([name, f"{1000 * medians[name]:.1f}", f"{tokens / medians[name]:,.0f}", f"{100 * mfu:.1f}%",
+                     f"{medians[name] / medians[floor]:.3f}", f"{memory[name] / 2**30:.2f}"])
+    notes = [
+        f"- bf16 matmul ceiling measured in this run: {ceiling / 1e12:.0f} TFLOP/s; P = {matmul_parameters / 1e9:.2f}B "
+        f"matmul parameters; MFU = 4 P tokens / step time / ceiling",
+        f"- peft_vlm adaption prompt / peft AdaptionPrompt = "
+        f"{medians['peft_vlm adaption prompt'] / medians['peft AdaptionPrompt']:.3f}; "
+        f"peft_vlm LoRA / peft LoRA = {medians['peft_vlm LoRA r=8'] / medians['peft LoRA r=8']:.3f}",
+        f"- load average {load_before}",
+    ]
+    lines = common.table(["variant", "step (ms)", "tokens/s", "MFU", "vs floor", "peak allocated (GiB)"], rows)
+    del models, runs, base
+    return lines, notes
+
+
+def quantized_4bit(model):
+    """Replace every linear layer of the decoder with a bitsandbytes NF4 layer holding the same weights."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for owner in (layer.self_attn, layer.mlp):
+            for name, child in list(owner.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                                  compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
+                    quantized.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
+                    setattr(owner, name, quantized.to(child.weight.device))  # quantizes; the bf16 weight is freed
+    model.is_loaded_in_4bit = True  # what peft reads to pick its 4-bit LoRA layers
+    return model
+
+
+def qlora(args) -> tuple[list[str], list[str]]:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        return [], [f"- QLoRA: not measured (bitsandbytes does not import: {error})"]
+    model = quantized_4bit(common.build_base(args.shape, torch.bfloat16, "cuda"))
+    model.gradient_checkpointing_enable()
+    model.enable_input_require_grads()
+    pv.apply(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=PROJECTIONS))
+    rows = []
+    for seq in (512, 2048):
+        batch = common.random_batch(model.config.vocab_size, 1, seq, "cuda")
+        step = common.make_step(model, batch)
+        step()  # warm-up: optimizer state exists from here on, as in training
+        gc.collect()
+        torch.cuda.empty_cache()
+        rows.append([f"QLoRA r=8, batch 1 x {seq}", f"{common.step_memory(step, model, 'cuda')[1] / 2**30:.2f}"])
+    weights = torch.cuda.memory_allocated()
+    notes = [f"- QLoRA: memory allocated between steps {weights / 2**30:.2f} GiB; reference ~6 GB for 7B (QLoRA paper, "
+             "LLaMA-Factory's hardware table)"]
+    return common.table(["QLoRA", "peak allocated (GiB)"], rows), notes
+
+
+def main(argv=None) -> None:
+    parser = common.parser(__doc__.split("\n")[0], steps=15, warmup=3)
+    parser.set_defaults(shape="llama-7b")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=2048)
+    args = common.parse(parser, argv)
+    if not torch.cuda.is_available():
+        sys.exit("gpu_7b.py needs a CUDA GPU and none is available here: GPU figures stay 'not measured'.")
+    if args.quick:
+        args.shape, args.steps, args.warmup, args.seq = "smollm2-135m", 3, 1, 512
+    ceiling = matmul_ceiling()
+    lines, notes = training(args, ceiling)
+    gc.collect()
+    torch.cuda.empty_cache()
+    qlora_lines, qlora_notes = qlora(args)
+    setup = (f"{args.shape} shape, random bf16 weights, batch {args.batch} x {args.seq} tokens, AdamW, median of "
+             f"{args.steps} alternating steps after {args.warmup} warm-up, SDPA, "
+             "no gradient checkpointing (QLoRA: with)")
+    common.report("gpu_7b", setup, [*lines, "", *qlora_lines], [*notes, *qlora_notes], "cuda", not args.no_record)
+
+
+if __name__ == "__main__":
+    main()
