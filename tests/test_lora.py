@@ -70,6 +70,16 @@ def test_lora_merge_then_unmerge_keeps_outputs(lm_factory):
     torch.testing.assert_close(model(ids).logits, adapted, atol=1e-5, rtol=1e-5)
 
 
+def test_merged_lora_runs_only_the_base_modules(lm_factory):
+    model = lm_factory()
+    base_modules = [type(m) for m in model.modules()]
+    pv.apply(model, peft.LoraConfig(**LORA))
+    pv.merge(model)
+    assert [type(m) for m in model.modules()] == base_modules
+    pv.unmerge(model)
+    assert any(isinstance(m, peft.tuners.lora.LoraLayer) for m in model.modules())
+
+
 def test_peft_export_loads_with_plain_peft_and_gives_same_logits(lm_factory, tmp_path):
     model = lm_factory()
     pv.apply(model, peft.LoraConfig(**LORA))

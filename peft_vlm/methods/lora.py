@@ -41,17 +41,33 @@ class LoraMethod(Method):
         added = [p for p in language_model.parameters() if p.requires_grad and not before.get(id(p), False)]
         return {"language": added}
 
+    def __init__(self, config: peft.LoraConfig) -> None:
+        super().__init__(config)
+        self.unplugged: list[tuple[nn.Module, str, LoraLayer]] = []  # merged layers out of the model, for unmerge
+
     def _lora_layers(self, model: nn.Module) -> list[LoraLayer]:
         return [m for m in language_model_of(model).modules() if isinstance(m, LoraLayer)]
 
     def merge(self, model: nn.Module) -> None:
-        if is_quantized(language_model_of(model)):
+        """Fold B A into the base weights and put each base layer back in place of its LoRA wrapper: a merged model
+        runs the modules of the base model and nothing else (a wrapper left in place costs a Python call per layer
+        and token, measured at several percent of `generate`'s speed). Save the adapter before merging."""
+        language_model = language_model_of(model)
+        if is_quantized(language_model):
             warnings.warn("LoRA stays unmerged: merging into 4-bit weights would re-quantize them (lossy)", stacklevel=3)
             return
-        for layer in self._lora_layers(model):
-            layer.merge(adapter_names=[ADAPTER_NAME])
+        for name, layer in list(language_model.named_modules()):
+            if isinstance(layer, LoraLayer):
+                layer.merge(adapter_names=[ADAPTER_NAME])
+                parent_name, _, child = name.rpartition(".")
+                parent = language_model.get_submodule(parent_name)
+                setattr(parent, child, layer.base_layer)
+                self.unplugged.append((parent, child, layer))
 
     def unmerge(self, model: nn.Module) -> None:
+        while self.unplugged:
+            parent, child, layer = self.unplugged.pop()
+            setattr(parent, child, layer)
         for layer in self._lora_layers(model):
             if layer.merged:
                 layer.unmerge()
