@@ -78,6 +78,9 @@ class VisionLanguageModel(nn.Module):
         self.tokenizer = tokenizer
         self.use_chat_template = use_chat_template
         self.image_boundaries = tuple(image_boundaries) if image_boundaries else None
+        # LLaVA's layout by default: visual tokens are spliced into the sequence. Methods with their own path for the
+        # images (early fusion) turn this off; the images then still reach them through the routing extras.
+        self.images_in_sequence = True
         self.connector_name = connector
         hidden_size = language_model.get_input_embeddings().embedding_dim
         self.connector = build_connector(connector, vision_tower.width, hidden_size)
@@ -153,7 +156,9 @@ class VisionLanguageModel(nn.Module):
 
     @property
     def tokens_per_image(self) -> int:
-        return self.connector.num_output_tokens(self.vision_tower.num_tokens)
+        """Sequence positions one image takes: its visual tokens, or none when a method feeds the images to the
+        language model another way (`images_in_sequence = False`, e.g. LLaMA-Adapter V2's early fusion)."""
+        return self.connector.num_output_tokens(self.vision_tower.num_tokens) if self.images_in_sequence else 0
 
     def _lm_device(self) -> torch.device:
         return self.language_model.get_input_embeddings().weight.device
@@ -192,12 +197,13 @@ class VisionLanguageModel(nn.Module):
             patches = self.vision_tower(pixel_values.to(tower_parameter.device, tower_parameter.dtype))
         return patches, self.connector(patches.to(next(self.connector.parameters()).dtype))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, image_rows=None) -> torch.Tensor:
         """Token embeddings with the visual tokens spliced in at the IMAGE_TOKEN_ID positions."""
-        return self._embed(input_ids, pixel_values)[0]
+        return self._embed(input_ids, pixel_values, image_rows)[0]
 
-    def _embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-        """(embeddings, routing extras): the extras give methods the images' patch and visual tokens."""
+    def _embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_rows=None) -> tuple[torch.Tensor, dict]:
+        """(embeddings, routing extras): the extras give methods the images' patch and visual tokens and the batch
+        row of each image (`image_rows`, needed when the images take no positions in the sequence)."""
         image_positions = input_ids == IMAGE_TOKEN_ID
         embeddings = self.language_model.get_input_embeddings()(input_ids.masked_fill(image_positions, 0))
         num_slots = int(image_positions.sum())
@@ -206,6 +212,11 @@ class VisionLanguageModel(nn.Module):
                 raise ConfigError(f"the input has {num_slots} image token slots but no pixel_values were given")
             return embeddings, {}
         patches, visual = self._encode(pixel_values)
+        if not num_slots and not self.images_in_sequence:
+            if image_rows is None or len(image_rows) != len(visual):
+                raise ConfigError("images outside the sequence need image_rows: the batch row of each image")
+            extras = {"patch_tokens": patches, "visual_tokens": visual, "image_owner": image_rows.to(visual.device)}
+            return embeddings, extras
         if visual.shape[0] * visual.shape[1] != num_slots:
             raise ConfigError(
                 f"{visual.shape[0]} image(s) give {visual.shape[0] * visual.shape[1]} visual tokens "
@@ -254,6 +265,7 @@ class VisionLanguageModel(nn.Module):
             batch["labels"], _ = pad_left(label_rows, IGNORE_INDEX)
         if flat_images:
             batch["pixel_values"] = self.pixel_values(flat_images)
+            batch["image_rows"] = torch.tensor([row for row, own in enumerate(per_prompt) for _ in own], dtype=torch.long)
         return batch
 
     @staticmethod
@@ -269,6 +281,7 @@ class VisionLanguageModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        image_rows: torch.Tensor | None = None,
         **kwargs,
     ):
         """Causal-LM forward over text with spliced visual tokens; with `labels`, the output carries the loss."""
@@ -277,7 +290,7 @@ class VisionLanguageModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(device)
-        embeddings, extras = self._embed(input_ids, pixel_values)
+        embeddings, extras = self._embed(input_ids, pixel_values, image_rows)
         token_types = (input_ids == IMAGE_TOKEN_ID).long()
         # Left padding: positions count real tokens only, as during generation.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -309,12 +322,12 @@ class VisionLanguageModel(nn.Module):
         return self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)
 
     @torch.no_grad()
-    def generate_ids(self, input_ids, attention_mask=None, pixel_values=None, **generation_options) -> torch.Tensor:
+    def generate_ids(self, input_ids, attention_mask=None, pixel_values=None, image_rows=None, **generation_options):
         """New token ids for a batch from `tokenize` (greedy unless sampling options are given)."""
         device = self._lm_device()
         input_ids = input_ids.to(device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-        embeddings, extras = self._embed(input_ids, pixel_values)
+        embeddings, extras = self._embed(input_ids, pixel_values, image_rows)
         generation_options.setdefault("do_sample", False)
         generation_options.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         with routing.token_types(self, (input_ids == IMAGE_TOKEN_ID).long(), **extras):

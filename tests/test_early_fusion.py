@@ -78,3 +78,37 @@ def test_official_visual_query_is_added_to_the_late_prompts_of_image_rows(vlm_fa
     torch.testing.assert_close(with_query[1], without_query[1], atol=1e-6, rtol=1e-6)
     patches = torch.randn(2, model.vision_tower.num_tokens, model.vision_tower.width)
     assert model.visual_query.per_image(patches).shape == (2, 3, model.config.hidden_size)  # one query per prompt
+
+
+def test_paper_layout_keeps_images_out_of_the_sequence_and_starts_from_the_text_only_model(vlm_factory, images):
+    base = vlm_factory()
+    text_only = base.tokenize(["\nWhat is in the picture?"], [None])  # the placeholder's line break stays
+    model = pv.apply(vlm_factory(), pv.EarlyFusionConfig(layers=2, visual_tokens_in_sequence=False))
+    batch = model.tokenize(["What is in the picture?"], [images[0]])
+    assert model.tokens_per_image == 0 and batch["input_ids"].shape == text_only["input_ids"].shape
+    assert torch.equal(_logits(model, batch), _logits(base, text_only))  # zero gates: the image has no effect yet
+    _open_gates(model)
+    assert not torch.equal(_logits(model, batch), _logits(base, text_only))  # the first layers now read the image
+    other = model.tokenize(["What is in the picture?"], [images[1]])
+    assert not torch.equal(_logits(model, batch), _logits(model, other))
+
+
+def test_paper_layout_generates_with_the_cache_like_full_decoding(vlm_factory, images):
+    model = pv.apply(vlm_factory(), pv.EarlyFusionConfig(layers=1, visual_tokens_in_sequence=False))
+    _open_gates(model)
+    batch = model.tokenize(["Colour?", "What is in the picture?"], [images[0], images[1]])
+    cached = model.generate_ids(**batch, max_new_tokens=5, min_new_tokens=5)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        for _ in range(5):
+            logits = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
+                           image_rows=batch["image_rows"], use_cache=False).logits
+            step = logits[:, -1].argmax(-1, keepdim=True)
+            ids, mask = torch.cat([ids, step], 1), torch.cat([mask, torch.ones_like(step)], 1)
+    assert cached.tolist() == ids[:, batch["input_ids"].shape[1]:].tolist()
+
+
+def test_paper_layout_refuses_the_visual_expert(vlm_factory):
+    model = pv.apply(vlm_factory(), pv.EarlyFusionConfig(layers=1, visual_tokens_in_sequence=False))
+    with pytest.raises(pv.IncompatibleMethodsError, match="visual expert"):
+        pv.apply(model, pv.VisualExpertConfig(rank=2))

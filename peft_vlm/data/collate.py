@@ -57,4 +57,8 @@ class Collator:
         pixels = [e["pixel_values"] for e in examples if e.get("pixel_values") is not None]
         if pixels:
             batch["pixel_values"] = torch.cat(pixels)
+            # the row of each image, for methods that take images outside the token sequence
+            batch["image_rows"] = torch.tensor(
+                [row for row, e in enumerate(examples) if e.get("pixel_values") is not None for _ in e["pixel_values"]]
+            )
         return batch

@@ -38,6 +38,9 @@ class EarlyFusionConfig:
     """The visual tokens enter the first `layers` layers through zero-init gated attention (V2 sec 4.3)."""
 
     layers: int = 1
+    # The paper's design feeds the visual tokens to the first layers only. True also splices them into the token
+    # sequence (LLaVA's layout), so every layer sees them as tokens as well.
+    visual_tokens_in_sequence: bool = True
 
     def __post_init__(self):
         if self.layers < 1:
@@ -96,6 +99,11 @@ class EarlyFusionMethod(Method):
             module.add_module("early_fusion", fusion)
             add_extension(language_model, module, fusion)
             parameters.append(fusion.gate)
+        if not self.config.visual_tokens_in_sequence:
+            if "visual_expert" in state_of(model).names():
+                raise IncompatibleMethodsError("the visual expert needs image tokens in the sequence; early fusion with "
+                                               "visual_tokens_in_sequence=False takes them out")
+            model.images_in_sequence = False
         return {"vision": parameters}
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_vlm.errors import ConfigError
+from peft_vlm.errors import ConfigError, IncompatibleMethodsError
 from peft_vlm.plugins import Method, register
 from peft_vlm.routing import IMAGE, RoutingContext
 from peft_vlm.state import state_of
@@ -210,6 +210,9 @@ class VisualExpertMethod(Method):
     config_class = VisualExpertConfig
 
     def attach(self, model: nn.Module, language_model: nn.Module) -> dict[str, list[nn.Parameter]]:
+        if not getattr(model, "images_in_sequence", True):
+            raise IncompatibleMethodsError("the visual expert routes image tokens, but a method took the images out of "
+                                           "the sequence (early fusion with visual_tokens_in_sequence=False)")
         config, context = self.config, state_of(model).context
         layers = _decoder_layers(language_model)
         chosen = range(len(layers)) if config.layers is None else config.layers
