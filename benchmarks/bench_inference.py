@@ -4,9 +4,10 @@ The floor is the base model itself. A merged model (LoRA or bias/scale folded in
 base's speed, which it can only do if merging leaves no module behind: the table also counts the modules each model
 runs per forward pass (a merged model should run exactly as many as the base). All models are copies of one random
 model (SmolLM2-135M's shape), generating the same tokens from the same prompt, alternating call by call; each figure
-is the median after warm-up.
+is the median after warm-up. A second copy of the base, timed like the others, shows the noise of the run.
 
     python benchmarks/bench_inference.py
+    python benchmarks/bench_inference.py --merged-only --steps 40    # the merged-vs-base check alone, more calls
     python benchmarks/bench_inference.py --quick --shape tiny --no-record   # smoke test
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ def bias_scale(model):
 
 VARIANTS = {
     "base": lambda m: m,
+    "base, second copy": lambda m: m,  # an A/A pair: how far two identical models differ is the noise of the run
     "adaption prompt (K=10, L=28)": lambda m: trained(pv.apply(m, pv.AdaptionPromptConfig(
         length=10, layers=min(28, m.config.num_hidden_layers)))),
     "LoRA r=8": lora,
@@ -70,13 +72,15 @@ def main(argv=None) -> None:
     parser = common.parser(__doc__.split("\n")[0], steps=15, warmup=2)
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     parser.add_argument("--new", type=int, default=32, help="generated tokens")
+    parser.add_argument("--merged-only", action="store_true", help="only the base (twice) and the merged models")
     args = common.parse(parser, argv)
     if args.quick:
         args.steps, args.warmup, args.new = min(args.steps, 3), min(args.warmup, 1), 8
     dtype = common.dtype_for(args.device)
     base = common.build_base(args.shape, dtype, args.device).eval()
     prompt = common.random_batch(base.config.vocab_size, 1, args.prompt, args.device)
-    models = {name: build(copy.deepcopy(base)).eval() for name, build in VARIANTS.items()}
+    chosen = [n for n in VARIANTS if not args.merged_only or n.startswith("base") or n.endswith("merged")]
+    models = {name: VARIANTS[name](copy.deepcopy(base)).eval() for name in chosen}
     options = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)
 
     def generate(model):
@@ -97,7 +101,7 @@ def main(argv=None) -> None:
     ]
     header = ["model", "tokens/s", "speed vs base", "extra modules per forward", "same tokens as base"]
     lines = common.table(header, rows)
-    merged = [n for n in models if n.endswith("merged")]
+    merged = [n for n in models if n.endswith("merged") or n == "base, second copy"]
     notes = [f"- {name}: {medians['base'] / medians[name]:.3f} of the base's speed" for name in merged]
     notes.append(f"- load average {load_before} before, {load_after} after")
     setup = (f"{args.shape} shape, random weights, {str(dtype).removeprefix('torch.')}, batch 1, prompt {args.prompt} "

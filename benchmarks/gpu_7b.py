@@ -95,6 +95,7 @@ def quantized_4bit(model):
                     quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                                   compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
                     quantized.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
+                    quantized.bias = child.bias
                     setattr(owner, name, quantized.to(child.weight.device))  # quantizes; the bf16 weight is freed
     model.is_loaded_in_4bit = True  # what peft reads to pick its 4-bit LoRA layers
     return model
