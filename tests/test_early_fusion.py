@@ -35,11 +35,11 @@ def test_visual_tokens_enter_only_the_first_layers(vlm_factory):
 
 
 def test_open_gates_fuse_the_image_into_its_own_row_only(vlm_factory, images):
-    base = vlm_factory()
+    closed = pv.apply(vlm_factory(), pv.EarlyFusionConfig(layers=2))  # zero gates: the base model's outputs
     model = vlm_factory()
     _open_gates(pv.apply(model, pv.EarlyFusionConfig(layers=2)))
     batch = model.tokenize(["What is in the picture?", "What is in the picture?"], [images[0], None])
-    fused, plain = _logits(model, batch), _logits(base, batch)
+    fused, plain = _logits(model, batch), _logits(closed, batch)
     assert (fused[0] - plain[0]).abs().max() > 1e-3
     assert torch.equal(fused[1], plain[1])  # a text-only row gets no visual contribution
 

@@ -38,9 +38,9 @@ class EarlyFusionConfig:
     """The visual tokens enter the first `layers` layers through zero-init gated attention (V2 sec 4.3)."""
 
     layers: int = 1
-    # The paper's design feeds the visual tokens to the first layers only. True also splices them into the token
-    # sequence (LLaVA's layout), so every layer sees them as tokens as well.
-    visual_tokens_in_sequence: bool = True
+    # The paper's design (default) feeds the visual tokens to the first layers only, not as tokens of the sequence.
+    # True also splices them into the sequence (LLaVA's layout), so every layer sees them as tokens as well.
+    visual_tokens_in_sequence: bool = False
 
     def __post_init__(self):
         if self.layers < 1:
