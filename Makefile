@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python recipes/quickstart.py
+	HF_HUB_OFFLINE=1 $(BIN)/peft-vlm train recipes/llama_adapter_v2_joint.yaml
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

@@ -65,7 +65,7 @@ def _train(arguments: argparse.Namespace) -> None:
         overrides.append(f"train.max_steps={arguments.max_steps}")
     if arguments.output_dir is not None:
         overrides.append(f"train.output_dir={arguments.output_dir}")
-    figures = run_recipe(load_recipe(arguments.recipe, overrides))
+    figures = run_recipe(load_recipe(arguments.recipe, overrides, full=arguments.full))
     if "adapter" in figures:
         print(format_figures(figures))
 
@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="recipe YAML file (see recipes/)")
     train.add_argument("--max-steps", type=int)
     train.add_argument("--output-dir")
+    train.add_argument("--full", action="store_true", help="apply the recipe's 'full' section (train longer)")
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("eval", help="VQA accuracy (and loss/perplexity) of a saved adapter")

@@ -7,6 +7,7 @@
               joint:      captions: {...}, instructions: {...}
               and resize, max_length, bad_samples, image_root
     train:    TrainConfig fields
+    full:     overrides applied by `peft-vlm train RECIPE --full` (e.g. `train.max_steps: 1000`)
     stages:   optional list of {name, methods, data, train} run in order on the same model (LLaVA's two stages);
               each stage adds its methods and overrides data/train
     eval:     {format, split/path, limit, grey_image, zero_shot, text_only_ceiling, verify_reload} evaluated after
@@ -17,6 +18,7 @@ Any value can be overridden from the command line: `--set train.max_steps=5 --se
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -45,7 +47,7 @@ def _yaml(text: str):
 STREAMS = ("train", "captions", "instructions")
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> dict[str, Any]:
+def load_recipe(path: str | os.PathLike, overrides: list[str] = (), full: bool = False) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no recipe file at '{path}'")
@@ -55,10 +57,14 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> dict[str,
         raise ConfigError(f"recipe '{path}' is not valid YAML: {error}") from None
     if not isinstance(recipe, dict):
         raise ConfigError(f"recipe '{path}' must be a mapping of sections (model, methods, data, train, eval)")
-    unknown = sorted(set(recipe) - {"name", "description", "paper", "hardware", "model", "methods", "data", "train", "stages", "eval"})
+    sections = {"name", "description", "paper", "hardware", "model", "methods", "data", "train", "stages", "eval", "full"}
+    unknown = sorted(set(recipe) - sections)
     if unknown:
         raise ConfigError(f"recipe '{path}': unknown section(s) {', '.join(unknown)}")
-    for override in overrides:
+    longer = recipe.pop("full", None) or {}
+    if full and not longer:
+        raise ConfigError(f"recipe '{path}' has no 'full' section for --full")
+    for override in [*(f"{key}={json.dumps(value)}" for key, value in longer.items() if full), *overrides]:
         apply_override(recipe, override)
     recipe.setdefault("name", path.stem)
     return recipe
