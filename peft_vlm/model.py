@@ -110,6 +110,7 @@ class VisionLanguageModel(nn.Module):
         dtype: Any = None,
         image_boundaries: tuple[str, str] | None = None,
         train_vision_tower: bool = False,
+        use_chat_template: bool = True,
         **kwargs,
     ) -> "VisionLanguageModel":
         """Build from a language model (local folder, hub id, or `llm=` instance with `tokenizer=`) and a vision tower
@@ -130,7 +131,7 @@ class VisionLanguageModel(nn.Module):
         tower = build_vision_tower(vision, pretrained=vision_pretrained, **(vision_options or {}))
         tower.to(next(llm.parameters()).device)
         return cls(llm, tokenizer, tower, connector=connector, image_boundaries=image_boundaries,
-                   train_vision_tower=train_vision_tower)
+                   train_vision_tower=train_vision_tower, use_chat_template=use_chat_template)
 
     def base_spec(self) -> dict[str, Any]:
         """How to rebuild this base (the `model` section of a recipe); stored in adapter files for `peft-vlm generate`."""
@@ -147,6 +148,8 @@ class VisionLanguageModel(nn.Module):
             spec["image_boundaries"] = list(self.image_boundaries)
         if "vision_tower" in state_of(self).names():
             spec["train_vision_tower"] = True
+        if not self.use_chat_template:
+            spec["use_chat_template"] = False
         return spec
 
     # -- structure -------------------------------------------------------------------------------------------------

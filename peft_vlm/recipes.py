@@ -108,7 +108,7 @@ def build_model(spec: dict):
     elif isinstance(vision, list):  # two fused towers, either of them may be the embedded one
         vision = [register_default_vision() if tower == EMBEDDED else tower for tower in vision]
     known = {"vision_pretrained", "connector", "load_in_4bit", "vision_options", "dtype", "train_vision_tower",
-             "image_boundaries"}
+             "image_boundaries", "use_chat_template"}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise ConfigError(f"model section: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
