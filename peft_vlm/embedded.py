@@ -75,16 +75,21 @@ DEFAULT_VISION_CONFIG = {
 }
 
 
-def register_default_vision() -> str:
-    """Make `DEFAULT_VISION` known to open_clip (idempotent); returns its name."""
+def register_open_clip_config(name: str, config: dict) -> str:
+    """Make a model config known to open_clip under `name` (idempotent); returns the name."""
     import open_clip
 
-    if DEFAULT_VISION not in open_clip.list_models():
-        path = cache_root() / "open_clip" / f"{DEFAULT_VISION}.json"
+    if name not in open_clip.list_models():
+        path = cache_root() / "open_clip" / f"{name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(DEFAULT_VISION_CONFIG))
+        path.write_text(json.dumps(config))
         open_clip.add_model_config(str(path))
-    return DEFAULT_VISION
+    return name
+
+
+def register_default_vision() -> str:
+    """Make `DEFAULT_VISION` known to open_clip (idempotent); returns its name."""
+    return register_open_clip_config(DEFAULT_VISION, DEFAULT_VISION_CONFIG)
 
 
 def describe_language_model(path: str | None) -> str | None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from peft_vlm.embedded import cache_root
+from peft_vlm.embedded import cache_root, register_open_clip_config
 
 # Smaller than the default ViT-S: 4 blocks of width 192 over 64 patch tokens (64x64 images, patch 8) train fast.
 PRETRAINED_VISION = "ViT-T-8-64"
@@ -55,14 +55,7 @@ class TowerRecipe:
 
 def register_pretrained_vision() -> str:
     """Make `PRETRAINED_VISION` known to open_clip (idempotent); returns its name."""
-    import open_clip
-
-    if PRETRAINED_VISION not in open_clip.list_models():
-        path = cache_root() / "open_clip" / f"{PRETRAINED_VISION}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(PRETRAINED_VISION_CONFIG))
-        open_clip.add_model_config(str(path))
-    return PRETRAINED_VISION
+    return register_open_clip_config(PRETRAINED_VISION, PRETRAINED_VISION_CONFIG)
 
 
 def caption_pairs(split: str = "train", limit: int | None = None) -> list[tuple[str, str]]:
