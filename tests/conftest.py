@@ -111,3 +111,16 @@ def llama_7b_meta():
     """LLaMA-7B's configuration built on the meta device: parameter counts without weights."""
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA_7B))
+
+
+def assert_cached_generation_matches_full_decoding(model, batch, steps):
+    """Greedy `generate` with the KV cache gives the tokens of greedy decoding by full forward passes."""
+    cached = model.generate_ids(**batch, max_new_tokens=steps, min_new_tokens=steps)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    images = {key: batch[key] for key in ("pixel_values", "image_rows") if key in batch}
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **images).logits
+            next_token = logits[:, -1].argmax(-1, keepdim=True)
+            ids, mask = torch.cat([ids, next_token], 1), torch.cat([mask, torch.ones_like(next_token)], 1)
+    assert cached.tolist() == ids[:, batch["input_ids"].shape[1]:].tolist()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import peft_vlm as pv
+from conftest import assert_cached_generation_matches_full_decoding
 
 
 def _padded_batch():
@@ -86,14 +87,7 @@ def test_cached_generation_equals_greedy_full_forward_decoding_with_open_gates(v
     model = vlm_factory("qwen2")
     _open_gates(pv.apply(model, pv.AdaptionPromptConfig(length=4, layers=2, multimodal=True)))
     batch = model.tokenize(["What is in the picture?", "Colour?"], [images[0], None])
-    cached = model.generate_ids(**batch, max_new_tokens=6, min_new_tokens=6)
-    input_ids, mask = batch["input_ids"], batch["attention_mask"]
-    with torch.no_grad():
-        for _ in range(6):
-            logits = model(input_ids=input_ids, attention_mask=mask, pixel_values=batch["pixel_values"], use_cache=False).logits
-            next_token = logits[:, -1].argmax(-1, keepdim=True)
-            input_ids, mask = torch.cat([input_ids, next_token], 1), torch.cat([mask, torch.ones_like(next_token)], 1)
-    assert cached.tolist() == input_ids[:, batch["input_ids"].shape[1]:].tolist()
+    assert_cached_generation_matches_full_decoding(model, batch, steps=6)
 
 
 def test_left_padding_does_not_change_the_real_tokens_outputs(vlm_factory, images):

@@ -4,6 +4,7 @@ import torch
 
 import peft_vlm as pv
 from peft_vlm.methods.early_fusion import visual_tokens_by_row
+from conftest import assert_cached_generation_matches_full_decoding
 
 
 def _open_gates(model, value=0.5):
@@ -97,15 +98,7 @@ def test_paper_layout_generates_with_the_cache_like_full_decoding(vlm_factory, i
     model = pv.apply(vlm_factory(), pv.EarlyFusionConfig(layers=1, visual_tokens_in_sequence=False))
     _open_gates(model)
     batch = model.tokenize(["Colour?", "What is in the picture?"], [images[0], images[1]])
-    cached = model.generate_ids(**batch, max_new_tokens=5, min_new_tokens=5)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    with torch.no_grad():
-        for _ in range(5):
-            logits = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
-                           image_rows=batch["image_rows"], use_cache=False).logits
-            step = logits[:, -1].argmax(-1, keepdim=True)
-            ids, mask = torch.cat([ids, step], 1), torch.cat([mask, torch.ones_like(step)], 1)
-    assert cached.tolist() == ids[:, batch["input_ids"].shape[1]:].tolist()
+    assert_cached_generation_matches_full_decoding(model, batch, steps=5)
 
 
 def test_paper_layout_refuses_the_visual_expert(vlm_factory):

@@ -7,6 +7,7 @@ from peft_vlm.methods.gated_cross_attention import GatedCrossAttentionBlock, pre
 from peft_vlm.presets import load_preset, preset_card
 from peft_vlm.routing import IMAGE, TEXT, RoutingContext
 from test_literature_connectors import train_steps
+from conftest import assert_cached_generation_matches_full_decoding
 
 RESAMPLER = "perceiver_resampler"
 
@@ -71,13 +72,7 @@ def test_cached_greedy_generation_equals_uncached(vlm_factory, images):
     model = pv.apply(vlm_factory(connector=RESAMPLER), pv.GatedCrossAttentionConfig(every=1))
     open_gates(model)
     batch = interleaved(model, images)
-    cached = model.generate_ids(**batch, max_new_tokens=5, min_new_tokens=5)
-    input_ids, mask = batch["input_ids"], batch["attention_mask"]
-    for _ in range(5):
-        step = {"input_ids": input_ids, "attention_mask": mask, "pixel_values": batch["pixel_values"]}
-        next_token = logits(model, step, use_cache=False)[:, -1].argmax(-1, keepdim=True)
-        input_ids, mask = torch.cat([input_ids, next_token], 1), torch.cat([mask, torch.ones_like(next_token)], 1)
-    assert cached.tolist() == input_ids[:, batch["input_ids"].shape[1]:].tolist()
+    assert_cached_generation_matches_full_decoding(model, batch, steps=5)
 
 
 def test_trains_with_the_resampler_then_saves_and_loads_exactly(vlm_factory, images, tmp_path):

@@ -5,6 +5,7 @@ import torch
 import peft_vlm as pv
 from peft_vlm.prompting import IGNORE_INDEX, IMAGE_TOKEN_ID
 from peft_vlm.state import state_of
+from conftest import assert_cached_generation_matches_full_decoding
 
 
 def test_spliced_visual_tokens_match_what_tower_and_connector_produce(vlm_factory, images):
@@ -45,14 +46,7 @@ def test_forward_with_labels_returns_loss_on_answers_only(vlm_factory, images):
 def test_generate_with_cache_equals_greedy_decoding_without_cache(vlm_factory, images, model_type):
     model = vlm_factory(model_type)
     batch = model.tokenize(["What is in the picture?"], [images[0]])
-    cached = model.generate_ids(**batch, max_new_tokens=8, min_new_tokens=8)
-    input_ids, mask = batch["input_ids"], batch["attention_mask"]
-    with torch.no_grad():
-        for _ in range(8):
-            logits = model(input_ids=input_ids, attention_mask=mask, pixel_values=batch["pixel_values"], use_cache=False).logits
-            next_token = logits[:, -1].argmax(-1, keepdim=True)
-            input_ids, mask = torch.cat([input_ids, next_token], 1), torch.cat([mask, torch.ones_like(next_token)], 1)
-    assert cached.tolist() == input_ids[:, batch["input_ids"].shape[1]:].tolist()
+    assert_cached_generation_matches_full_decoding(model, batch, steps=8)
 
 
 def test_batched_left_padded_generation_equals_one_by_one(vlm_factory, images):

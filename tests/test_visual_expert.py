@@ -12,6 +12,7 @@ from peft_vlm.presets import preset_card
 from peft_vlm.prompting import IMAGE_TOKEN_ID
 from peft_vlm.routing import IMAGE
 from peft_vlm.state import state_of
+from conftest import assert_cached_generation_matches_full_decoding
 
 EXPERTS = {"full": {}, "low_rank": {"rank": 4}}
 VICUNA_7B = dict(
@@ -145,13 +146,7 @@ def test_cached_greedy_generation_equals_uncached(vlm_factory, images, options):
     model = pv.apply(vlm_factory(), pv.VisualExpertConfig(**options))
     perturb_experts(model, scale=0.2)
     batch = image_batch(model, images)
-    cached = model.generate_ids(**batch, max_new_tokens=6, min_new_tokens=6)
-    input_ids, mask = batch["input_ids"], batch["attention_mask"]
-    for _ in range(6):
-        step = {"input_ids": input_ids, "attention_mask": mask, "pixel_values": batch["pixel_values"]}
-        next_token = logits(model, step, use_cache=False)[:, -1].argmax(-1, keepdim=True)
-        input_ids, mask = torch.cat([input_ids, next_token], 1), torch.cat([mask, torch.ones_like(next_token)], 1)
-    assert cached.tolist() == input_ids[:, batch["input_ids"].shape[1]:].tolist()
+    assert_cached_generation_matches_full_decoding(model, batch, steps=6)
 
 
 def test_shared_image_position_gives_each_image_one_position_and_text_counts_on(vlm_factory, images):

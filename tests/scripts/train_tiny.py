@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import peft
-import torch
 from PIL import Image
 from torch.distributed.tensor import DTensor
 
