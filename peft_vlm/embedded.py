@@ -97,5 +97,16 @@ def describe_language_model(path: str | None) -> str | None:
     return "embedded" if path and Path(path).resolve() == (cache_root() / CACHE_NAME).resolve() else path
 
 
-def describe_vision(name: str | None) -> str | None:
-    return "embedded" if name == DEFAULT_VISION else name
+# The small tower pretrained contrastively on easy-vqa (`peft_vlm.vision_pretraining`), cached under this folder.
+CONTRASTIVE_VISION = "embedded_contrastive"
+TOWER_CACHE = "towers"
+
+
+def describe_vision(name: str | None, pretrained: str | None = None) -> tuple[str | None, str | None]:
+    """(vision, vision_pretrained) as a recipe names them: "embedded" for the default random tower,
+    "embedded_contrastive" for a tower from the local pretraining cache (whose location differs between machines)."""
+    if name == DEFAULT_VISION and pretrained is None:
+        return "embedded", None
+    if pretrained and Path(pretrained).resolve().parent == (cache_root() / TOWER_CACHE).resolve():
+        return CONTRASTIVE_VISION, None
+    return name, pretrained

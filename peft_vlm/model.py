@@ -137,10 +137,12 @@ class VisionLanguageModel(nn.Module):
         """How to rebuild this base (the `model` section of a recipe); stored in adapter files for `peft-vlm generate`."""
         from peft_vlm.embedded import describe_language_model, describe_vision
 
+        tower = self.vision_tower
+        vision, vision_pretrained = describe_vision(tower.description.get("open_clip"), getattr(tower, "pretrained", None))
         spec = {
             "language_model": describe_language_model(getattr(self.language_model, "name_or_path", None)),
-            "vision": describe_vision(self.vision_tower.description.get("open_clip")),
-            "vision_pretrained": self.vision_tower.description.get("pretrained"),
+            "vision": vision,
+            "vision_pretrained": vision_pretrained,
             "connector": self.connector_name,
             "load_in_4bit": bool(getattr(self.language_model, "is_loaded_in_4bit", False)),
         }

@@ -95,7 +95,7 @@ def apply_override(recipe: dict, override: str) -> None:
 
 def build_model(spec: dict):
     """A VisionLanguageModel from the recipe's `model` section."""
-    from peft_vlm.embedded import default_language_model_path, register_default_vision
+    from peft_vlm.embedded import CONTRASTIVE_VISION, default_language_model_path, register_default_vision
     from peft_vlm.model import VisionLanguageModel
 
     spec = {key: value for key, value in spec.items() if value is not None}
@@ -105,6 +105,10 @@ def build_model(spec: dict):
         language_model = default_language_model_path()
     if vision == EMBEDDED:
         vision = register_default_vision()
+    elif vision == CONTRASTIVE_VISION:  # trained on first use (minutes), then read from the cache
+        from peft_vlm.vision_pretraining import PRETRAINED_VISION, pretrained_tower
+
+        vision, spec["vision_pretrained"] = PRETRAINED_VISION, pretrained_tower()
     elif isinstance(vision, list):  # two fused towers, either of them may be the embedded one
         vision = [register_default_vision() if tower == EMBEDDED else tower for tower in vision]
     known = {"vision_pretrained", "connector", "load_in_4bit", "vision_options", "dtype", "train_vision_tower",

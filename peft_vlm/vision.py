@@ -8,9 +8,9 @@ ViT (`"timm:vit_large_patch14_dinov2"`, DINOv2's architecture). Any other `nn.Mo
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import math
+import os
+from typing import Callable
 
 import torch
 from torch import nn
@@ -65,7 +65,11 @@ class OpenClipVisionTower(VisionTower):
         self.num_tokens = self.grid_size[0] * self.grid_size[1]
         self.preprocess = preprocess
         self.preprocess_cfg = dict(getattr(self.visual, "preprocess_cfg", None) or {})
-        self.description = {"open_clip": name, "pretrained": pretrained, "feature_layer": self.feature_layer}
+        self.pretrained = pretrained
+        # a weights file is named by its file name only: the path differs between machines, the digest of the
+        # weights in adapter fingerprints tells files apart
+        portable = os.path.basename(pretrained) if pretrained and os.path.isfile(pretrained) else pretrained
+        self.description = {"open_clip": name, "pretrained": portable, "feature_layer": self.feature_layer}
         if pretrained is None:
             self.description["seed"] = seed
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from peft_vlm.embedded import cache_root, register_open_clip_config
+from peft_vlm.embedded import TOWER_CACHE, cache_root, register_open_clip_config
 
 # Smaller than the default ViT-S: 4 blocks of width 192 over 64 patch tokens (64x64 images, patch 8) train fast.
 PRETRAINED_VISION = "ViT-T-8-64"
@@ -123,7 +123,7 @@ def pretrained_tower(recipe: TowerRecipe | None = None, **options) -> str:
     pass it as `vision_pretrained=` with `vision=recipe.model`."""
     recipe = recipe or TowerRecipe(**options)
     register_pretrained_vision()
-    path = cache_root() / "towers" / f"{recipe.model}-easyvqa-{recipe.key()}.pt"
+    path = cache_root() / TOWER_CACHE / f"{recipe.model}-easyvqa-{recipe.key()}.pt"
     if path.is_file():
         return str(path)
     model, _, _ = train_tower(recipe)

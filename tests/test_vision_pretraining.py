@@ -1,5 +1,6 @@
 """The contrastively pretrained vision tower: trains, caches under the recipe's hash, loads as a frozen tower."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,3 +46,6 @@ def test_tower_is_trained_once_then_read_from_the_cache_and_loads_frozen(cache, 
     assert torch.equal(model.vision_tower.visual.conv1.weight, weights["visual.conv1.weight"])
     assert model.tokens_per_image == 4  # (32 / 8)^2 patches, 2x2 merged
     assert not any(p.requires_grad for p in model.vision_tower.parameters())
+    # adapter files name the cached tower portably: the cache folder differs between machines
+    assert model.base_spec()["vision"] == "embedded_contrastive" and model.base_spec()["vision_pretrained"] is None
+    assert model.vision_tower.description["pretrained"] == Path(path).name

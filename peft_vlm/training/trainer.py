@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -130,6 +130,12 @@ class JointTrainer:
             project_dir=config.output_dir,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise ConfigError(
+                "JointTrainer does not run under DeepSpeed: it keeps one AdamW per parameter group, so that a step on "
+                "one group never moves the other, while a DeepSpeed engine owns a single optimizer; launch with "
+                "recipes/accelerate/fsdp_8xa100.yaml (FSDP2) or ddp_8xa100.yaml instead"
+            )
         if config.gradient_checkpointing:
             model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = self._distribute(model)
