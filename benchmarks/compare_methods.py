@@ -1,6 +1,6 @@
 """Method comparison on the embedded default: the same steps on the same easy-VQA data for every method.
 
-    python benchmarks/compare_methods.py [--steps 120] [--limit 300] [--only lora,qlora]
+    python benchmarks/compare_methods.py [--steps 140] [--limit 300] [--only lora,qlora]
 
 Each method runs in its own process (so peak memory is its own) through the `llama_adapter_v2_joint` recipe with the
 method swapped in: caption and instruction batches in the same order, the same evaluation questions. Prints a table
@@ -50,7 +50,8 @@ def run_one(name: str, overrides: list[str], output: Path) -> dict:
 
     from peft_vlm.recipes import load_recipe, run_recipe
 
-    recipe = load_recipe(RECIPE, [*overrides, f"train.output_dir={output}", "train.checkpoint_every=0", "eval.zero_shot=false"])
+    fixed = [f"train.output_dir={output}", "train.checkpoint_every=0", "eval.zero_shot=false", "eval.verify_reload=false"]
+    recipe = load_recipe(RECIPE, [*overrides, *fixed])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     figures = run_recipe(recipe, log=lambda *_: None)
@@ -81,7 +82,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=140, help="training steps per method (the main job's)")
     parser.add_argument("--limit", type=int, default=300, help="evaluation questions (evenly spaced over the test split)")
     parser.add_argument("--only", help="comma-separated subset of method names (substring match)")
     parser.add_argument("--out", default="out/compare_methods")

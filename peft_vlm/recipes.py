@@ -109,6 +109,8 @@ def build_model(spec: dict):
         from peft_vlm.vision_pretraining import PRETRAINED_VISION, pretrained_tower
 
         vision, spec["vision_pretrained"] = PRETRAINED_VISION, pretrained_tower()
+        # the last block: its output is what the contrastive loss trained (the second to last reads shape worse)
+        spec["vision_options"] = {"feature_layer": -1, **spec.get("vision_options", {})}
     elif isinstance(vision, list):  # two fused towers, either of them may be the embedded one
         vision = [register_default_vision() if tower == EMBEDDED else tower for tower in vision]
     known = {"vision_pretrained", "connector", "load_in_4bit", "vision_options", "dtype", "train_vision_tower",

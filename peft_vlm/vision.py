@@ -66,6 +66,7 @@ class OpenClipVisionTower(VisionTower):
         self.preprocess = preprocess
         self.preprocess_cfg = dict(getattr(self.visual, "preprocess_cfg", None) or {})
         self.pretrained = pretrained
+        self.rebuild_options = {"feature_layer": feature_layer} if feature_layer != -2 else {}  # for base_spec()
         # a weights file is named by its file name only: the path differs between machines, the digest of the
         # weights in adapter fingerprints tells files apart
         portable = os.path.basename(pretrained) if pretrained and os.path.isfile(pretrained) else pretrained

@@ -42,10 +42,12 @@ def test_tower_is_trained_once_then_read_from_the_cache_and_loads_frozen(cache, 
     assert vp.TowerRecipe(model="test-tiny-clip", steps=3, batch_size=8, limit=16).key() != recipe.key()
     weights = torch.load(path)
     model = pv.VisionLanguageModel.from_pretrained(
-        llm=make_lm(), tokenizer=tokenizer, vision="test-tiny-clip", vision_pretrained=path, connector="downsample2x2_mlp")
+        llm=make_lm(), tokenizer=tokenizer, vision="test-tiny-clip", vision_pretrained=path, connector="downsample2x2_mlp",
+        vision_options={"feature_layer": -1})
     assert torch.equal(model.vision_tower.visual.conv1.weight, weights["visual.conv1.weight"])
     assert model.tokens_per_image == 4  # (32 / 8)^2 patches, 2x2 merged
     assert not any(p.requires_grad for p in model.vision_tower.parameters())
     # adapter files name the cached tower portably: the cache folder differs between machines
     assert model.base_spec()["vision"] == "embedded_contrastive" and model.base_spec()["vision_pretrained"] is None
     assert model.vision_tower.description["pretrained"] == Path(path).name
+    assert model.base_spec()["vision_options"] == {"feature_layer": -1}
