@@ -1,6 +1,6 @@
 """Method comparison on the embedded default: the same steps on the same easy-VQA data for every method.
 
-    python benchmarks/compare_methods.py [--steps 140] [--limit 300] [--only lora,qlora]
+    python benchmarks/compare_methods.py [--steps 140] [--limit 300] [--only lora,qlora] [--resume]
 
 Each method runs in its own process (so peak memory is its own) through the `llama_adapter_v2_joint` recipe with the
 method swapped in: caption and instruction batches in the same order, the same evaluation questions. Prints a table
@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=300, help="evaluation questions (evenly spaced over the test split)")
     parser.add_argument("--only", help="comma-separated subset of method names (substring match)")
     parser.add_argument("--out", default="out/compare_methods")
+    parser.add_argument("--resume", action="store_true", help="keep the figures of methods an interrupted run finished")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one method in this process
     args = parser.parse_args()
     common = [f"train.max_steps={args.steps}", f"eval.limit={args.limit}", "train.progress_bar=false", "train.report_to=null"]
@@ -98,6 +99,12 @@ def main() -> None:
     chosen = [m for m in METHODS if not args.only or any(s.strip().lower() in m.lower() for s in args.only.split(","))]
     rows, start = [], time.time()
     for name in chosen:
+        # each method's figures are kept as they finish, so an interrupted comparison continues with --resume
+        saved = Path(args.out) / name.replace(" ", "_") / "result.json"
+        if args.resume and saved.is_file():
+            rows.append(json.loads(saved.read_text()))
+            print(f"{name}: kept from {saved}", flush=True)
+            continue
         command = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--limit", str(args.limit), "--out", args.out]
         completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         line = next((l for l in completed.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -105,6 +112,8 @@ def main() -> None:
             print(f"{name}: failed\n{completed.stderr[-2000:]}", file=sys.stderr)
             continue
         rows.append(json.loads(line[len("RESULT "):]))
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(rows[-1]))
         print(f"{name}: done ({time.time() - start:.0f} s)", flush=True)
     text = table(rows)
     print(text)
