@@ -105,3 +105,11 @@ def test_paper_layout_refuses_the_visual_expert(vlm_factory):
     model = pv.apply(vlm_factory(), pv.EarlyFusionConfig(layers=1, visual_tokens_in_sequence=False))
     with pytest.raises(pv.IncompatibleMethodsError, match="visual expert"):
         pv.apply(model, pv.VisualExpertConfig(rank=2))
+
+
+def test_paper_layout_after_the_visual_expert_is_refused_before_touching_the_model(vlm_factory):
+    model = pv.apply(vlm_factory(), pv.VisualExpertConfig(rank=2))
+    with pytest.raises(pv.IncompatibleMethodsError, match="visual expert"):
+        pv.apply(model, pv.EarlyFusionConfig(layers=1, visual_tokens_in_sequence=False))
+    assert not any(name.endswith("early_fusion") for name, _ in model.named_modules())
+    assert model.images_in_sequence

@@ -91,6 +91,10 @@ class EarlyFusionMethod(Method):
     needs_vision = True
 
     def attach(self, model: nn.Module, language_model: nn.Module) -> dict[str, list[nn.Parameter]]:
+        takes_images_out = not self.config.visual_tokens_in_sequence
+        if takes_images_out and "visual_expert" in state_of(model).names():  # refused before the model is touched
+            raise IncompatibleMethodsError("the visual expert needs image tokens in the sequence; early fusion with "
+                                           "visual_tokens_in_sequence=False takes them out")
         context, dtype = state_of(model).context, hidden_dtype(language_model)
         heads = language_model.config.num_attention_heads
         parameters = []
@@ -99,10 +103,7 @@ class EarlyFusionMethod(Method):
             module.add_module("early_fusion", fusion)
             add_extension(language_model, module, fusion)
             parameters.append(fusion.gate)
-        if not self.config.visual_tokens_in_sequence:
-            if "visual_expert" in state_of(model).names():
-                raise IncompatibleMethodsError("the visual expert needs image tokens in the sequence; early fusion with "
-                                               "visual_tokens_in_sequence=False takes them out")
+        if takes_images_out:
             model.images_in_sequence = False
         return {"vision": parameters}
 
