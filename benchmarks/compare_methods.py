@@ -116,14 +116,14 @@ def main() -> None:
             return json.loads(saved.read_text())
         command = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--limit", str(args.limit), "--out", args.out]
         completed = subprocess.run(command, capture_output=True, text=True, env=env)
-        line = next((l for l in completed.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
+        payload = next((l.removeprefix("RESULT ") for l in completed.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if payload is None:
             print(f"{name}: failed\n{completed.stderr[-2000:]}", file=sys.stderr, flush=True)
             return None
         saved.parent.mkdir(parents=True, exist_ok=True)
-        saved.write_text(line[len("RESULT "):])
+        saved.write_text(payload)
         print(f"{name}: done ({time.time() - start:.0f} s)", flush=True)
-        return json.loads(line[len("RESULT "):])
+        return json.loads(payload)
 
     # the slowest setups start first, so that no worker is left alone with one at the end; rows keep METHODS' order
     order = sorted(chosen, key=lambda name: name not in SLOWEST)

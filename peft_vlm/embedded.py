@@ -51,8 +51,7 @@ def default_language_model_path() -> str:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
     # the weights are de-quantized to float32: the config must not claim GGUF quantization, or a later
     # `load_in_4bit` load is refused as a second quantization
-    model.config.quantization_config = None
-    del model.config.quantization_config
+    vars(model.config).pop("quantization_config", None)
     partial = target.with_name(target.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(partial)

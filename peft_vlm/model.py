@@ -146,7 +146,8 @@ class VisionLanguageModel(nn.Module):
             "connector": self.connector_name,
             "load_in_4bit": bool(getattr(self.language_model, "is_loaded_in_4bit", False)),
         }
-        if getattr(tower, "rebuild_options", None):  # options off by default are written only when on: older specs stay the same
+        # options off by default are written only when on: older specs stay the same
+        if getattr(tower, "rebuild_options", None):
             spec["vision_options"] = dict(tower.rebuild_options)
         if self.image_boundaries:
             spec["image_boundaries"] = list(self.image_boundaries)
