@@ -7,10 +7,13 @@ The expert is either a trainable copy of the LM weights (CogVLM; doubles the LM'
 LM weights plus a trainable low-rank difference B A with B = 0 (a few million parameters; works on a 4-bit base).
 Either way the model's outputs are unchanged at start.
 
-Routing is dense: both paths run and `torch.where` picks one per position. Nothing is scattered into a fresh tensor
-by boolean index, which is what keeps the expert trainable with sharded parameters (FSDP, ZeRO-3). A call without
-image positions (text-only input, every cached decoding step) runs the frozen path alone: it costs nothing extra
-and gives exactly the base LM's logits, so the LM keeps its language ability however the expert trains.
+Routing is gathered: once per call the router sorts the flattened positions into text rows and image rows (a
+stable argsort of the token types and one count, read on the host), and every wrapped projection runs each path on
+its own rows only, so the full expert costs no more projection work than the frozen layer it replaces. The row
+indices are ordinary index tensors whose lengths are known before the projections run: nothing is selected by a
+boolean mask inside the layers. A call without image positions (text-only input, every cached decoding step) runs
+the frozen path alone: it costs nothing extra and gives exactly the base LM's logits, so the LM keeps its language
+ability however the expert trains.
 """
 from __future__ import annotations
 
@@ -54,28 +57,47 @@ class VisualExpertConfig:
             self.layers = list(self.layers)
 
 
-class ImageRouter:
-    """The image positions of the current language-model call, shared by all wrapped projections of one model.
+@dataclass(frozen=True)
+class Rows:
+    """Where the text and image positions of one call are, as rows of its flattened (batch * length) positions."""
 
-    Whether the call has any image position is decided once per call (one host sync, not one per projection)."""
+    text: torch.Tensor  # (text positions,) row indices
+    image: torch.Tensor  # (image positions,) row indices
+    restore: torch.Tensor  # (batch * length,) where each row sits in cat([text rows, image rows])
+
+
+class ImageRouter:
+    """The text and image rows of the current language-model call, shared by all wrapped projections of one model.
+
+    They are worked out once per call (one host sync for the image count, not one per projection)."""
 
     def __init__(self, context: RoutingContext):
         self.context = context
         self._types: torch.Tensor | None = None
-        self._any_image = False
+        self._rows: Rows | None = None
 
-    def mask(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """(batch, length) boolean image positions for `hidden`, or None when the call has no image position."""
-        mask = self.context.image_mask(hidden)
-        if mask is None:
+    def rows(self, hidden: torch.Tensor) -> Rows | None:
+        """The rows of `hidden` (batch, length, features), or None when the call has no image position."""
+        if self.context.image_mask(hidden) is None:
             return None
-        if self.context.token_types is not self._types:
-            self._types, self._any_image = self.context.token_types, bool(mask.any())
-        return mask if self._any_image else None
+        types = self.context.token_types
+        if types is not self._types:
+            self._types, self._rows = types, _split_rows(types.reshape(-1).to(hidden.device))
+        return self._rows
+
+
+def _split_rows(flat_types: torch.Tensor) -> Rows | None:
+    images = int((flat_types == IMAGE).sum())
+    if images == 0:
+        return None
+    order = torch.argsort((flat_types == IMAGE).to(torch.uint8), stable=True)
+    texts = flat_types.numel() - images
+    return Rows(text=order[:texts], image=order[texts:], restore=torch.argsort(order))
 
 
 class FullExpert(nn.Module):
-    """CogVLM's expert projection: a trainable copy of the language model's weights."""
+    """CogVLM's expert projection: a trainable copy of the language model's weights, applied to the image rows;
+    the frozen projection handles the text rows."""
 
     def __init__(self, base: nn.Linear, where: str):
         super().__init__()
@@ -88,12 +110,15 @@ class FullExpert(nn.Module):
         self.weight = nn.Parameter(base.weight.detach().clone())
         self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone())
 
-    def forward(self, x: torch.Tensor, text_out: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+    def forward(self, flat: torch.Tensor, base: nn.Module, rows: Rows) -> torch.Tensor:
+        text = base(flat.index_select(0, rows.text))
+        image = F.linear(flat.index_select(0, rows.image), self.weight, self.bias)
+        return torch.cat([text, image]).index_select(0, rows.restore)
 
 
 class LowRankExpert(nn.Module):
-    """The frozen projection plus a trainable difference (alpha / r) B A, with B = 0 at start (LoRA's form)."""
+    """The frozen projection plus a trainable difference (alpha / r) B A, with B = 0 at start (LoRA's form), added
+    on the image rows only."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float | None):
         super().__init__()
@@ -104,13 +129,15 @@ class LowRankExpert(nn.Module):
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.scale = (alpha if alpha is not None else rank) / rank
 
-    def forward(self, x: torch.Tensor, text_out: torch.Tensor) -> torch.Tensor:
-        difference = F.linear(F.linear(x.to(self.A.dtype), self.A), self.B) * self.scale
-        return text_out + difference.to(text_out.dtype)
+    def forward(self, flat: torch.Tensor, base: nn.Module, rows: Rows) -> torch.Tensor:
+        frozen = base(flat)
+        image = flat.index_select(0, rows.image).to(self.A.dtype)
+        difference = F.linear(F.linear(image, self.A), self.B) * self.scale
+        return frozen.index_add(0, rows.image, difference.to(frozen.dtype))
 
 
 class ExpertLinear(nn.Module):
-    """A frozen projection (`base`, the text path) and its expert (the image path), chosen per position."""
+    """A frozen projection (`base`, the text path) and its expert (the image path), each on its own positions."""
 
     def __init__(self, base: nn.Linear, expert: nn.Module, router: ImageRouter):
         super().__init__()
@@ -118,11 +145,11 @@ class ExpertLinear(nn.Module):
         self.__dict__["router"] = router  # shared by every wrapped projection; not a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        text_out = self.base(x)
-        mask = self.router.mask(x)
-        if mask is None:
-            return text_out
-        return torch.where(mask.unsqueeze(-1), self.expert(x, text_out), text_out)
+        rows = self.router.rows(x)
+        if rows is None:
+            return self.base(x)
+        out = self.expert(x.reshape(-1, x.shape[-1]), self.base, rows)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class SharedImagePositions:
