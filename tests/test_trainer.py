@@ -84,20 +84,6 @@ def test_groups_that_overlap_or_match_nothing_are_refused(joint, tmp_path):
         pv.JointTrainer(model, config, caption_data=captions, instruction_data=instructions)
 
 
-def test_deepspeed_is_refused_with_the_configs_that_work(joint, tmp_path, monkeypatch):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType
-
-    class DeepSpeedAccelerator(Accelerator):  # what `accelerate launch` with a DeepSpeed config creates
-        distributed_type = DistributedType.DEEPSPEED
-
-    monkeypatch.setattr("peft_vlm.training.trainer.Accelerator", DeepSpeedAccelerator)
-    model, captions, instructions = joint
-    config = pv.TrainConfig(output_dir=str(tmp_path), report_to=None)
-    with pytest.raises(pv.ConfigError, match="does not run under DeepSpeed.*fsdp_8xa100.yaml"):
-        pv.JointTrainer(model, config, caption_data=captions, instruction_data=instructions)
-
-
 def test_non_finite_losses_are_skipped_and_too_many_stop_with_a_checkpoint(joint, tmp_path):
     model, captions, instructions = joint
     config = pv.TrainConfig(output_dir=str(tmp_path), max_steps=10, max_nonfinite_steps=3, report_to=None, progress_bar=False)

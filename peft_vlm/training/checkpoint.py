@@ -5,6 +5,7 @@ A checkpoint is a folder `checkpoints/step-0000100/` with
   loadable by itself with `pv.load_adapter`;
 - `optimizer.safetensors`: every optimizer's state, keyed `optimizer/STREAM/PARAMETER/KEY`;
 - `rng-rankN.safetensors`: each process's torch (and CUDA) RNG state;
+- `deepspeed/` under DeepSpeed: the engine's own checkpoint (partitioned optimizer state, trained parameters);
 - `trainer_state.json`: step, data positions, schedules, Python/NumPy RNG states, loss history.
 It is written under a temporary name and renamed when complete, so a run killed while writing leaves no
 half-written checkpoint behind. No pickle: tensors are safetensors, the rest is JSON.
@@ -105,8 +106,10 @@ def write_checkpoint(
     rank: int,
     is_main: bool,
     barrier,
+    write_shards=None,
 ) -> None:
-    """Every process writes its RNG state into a temporary folder; the main process writes the rest, then renames."""
+    """Every process writes its RNG state (and, with `write_shards(folder)`, its part of a partitioned state) into a
+    temporary folder; the main process writes the rest, then renames."""
     temporary = folder.with_name(folder.name + ".tmp")
     if is_main:
         shutil.rmtree(temporary, ignore_errors=True)
@@ -115,6 +118,8 @@ def write_checkpoint(
     rng_tensors, rng_python = rng_state()
     save_file(rng_tensors, str(temporary / f"rng-rank{rank}.safetensors"))
     (temporary / f"rng-rank{rank}.json").write_text(json.dumps(rng_python))
+    if write_shards is not None:
+        write_shards(temporary)
     if is_main:
         adapter_writer(temporary / "adapter.safetensors")
         save_file(optimizer_tensors, str(temporary / "optimizer.safetensors"))

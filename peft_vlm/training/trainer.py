@@ -1,10 +1,12 @@
 """`JointTrainer`: caption batches and instruction batches update disjoint parameter groups (LLaMA-Adapter V2 sec
-4.2), each group with its own AdamW state, through `accelerate` (one process, DDP, FSDP2; bf16 on GPU).
+4.2), each group with its own AdamW state, through `accelerate` (one process, DDP, FSDP2, DeepSpeed ZeRO; bf16 on GPU).
 
 Every step is one kind of batch: `caption_ratio` of the steps are caption steps, which update the `vision` group
 (connector, early fusion, ...); the others are instruction steps, which update the `language` group (prompts, gates,
 bias/scale, LoRA, ...). The optimizer of the group not being trained is not stepped, so neither its weight decay nor
 its momentum moves anything. With `data=` instead, every step updates every trainable parameter (LoRA, experts).
+Under DeepSpeed the engine owns a single optimizer: one AdamW whose param groups are tagged with their stream and that
+steps the groups of the stream being trained only (see `peft_vlm.training.deepspeed`).
 
 Data order is a seeded permutation per stream and epoch; a checkpoint records each stream's position, so a resumed
 run sees exactly the batches the uninterrupted run would have seen.
@@ -20,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -30,6 +32,7 @@ from peft_vlm.data.dataset import shuffled_order
 from peft_vlm.errors import ConfigError, PeftVlmError
 from peft_vlm.state import named_tracked_parameters
 from peft_vlm.training import checkpoint as ckpt
+from peft_vlm.training import deepspeed as ds
 from peft_vlm.training.config import TrainConfig
 
 
@@ -123,25 +126,34 @@ class JointTrainer:
         mixed_precision = config.mixed_precision
         if mixed_precision == "auto":
             mixed_precision = "bf16" if torch.cuda.is_available() else "no"
-        self.accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(),
-            mixed_precision=mixed_precision,
-            log_with=config.report_to,
-            project_dir=config.output_dir,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-        )
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-            raise ConfigError(
-                "JointTrainer does not run under DeepSpeed: it keeps one AdamW per parameter group, so that a step on "
-                "one group never moves the other, while a DeepSpeed engine owns a single optimizer; launch with "
-                "recipes/accelerate/fsdp_8xa100.yaml (FSDP2) or ddp_8xa100.yaml instead"
-            )
+        self.deepspeed = ds.requested()
+        if self.deepspeed:
+            options = ds.accelerator_options()
+        else:
+            options = {"cpu": not torch.cuda.is_available(),
+                       "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=True)]}
+        self.accelerator = Accelerator(mixed_precision=mixed_precision, log_with=config.report_to,
+                                       project_dir=config.output_dir, **options)
         if config.gradient_checkpointing:
             model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = self._distribute(model)
+        if self.deepspeed:  # one optimizer for the engine, created before ZeRO partitions the parameters
+            parameters = dict(model.named_parameters())
+            groups = [g for name, names in self.names_by_stream.items() for g in self._param_groups(parameters, name, names)]
+            self.optimizer = ds.StreamAdamW(groups, betas=config.betas)
+            self.model = ds.prepare(self.accelerator, model, self.optimizer, config)
+            self.optimizers = {}
+        else:
+            self.model = self._distribute(model)
+            parameters = dict(self.accelerator.unwrap_model(self.model).named_parameters())
+            self.optimizers = {
+                name: torch.optim.AdamW(self._param_groups(parameters, name, names), betas=config.betas)
+                for name, names in self.names_by_stream.items()
+            }
         self.unwrapped = self.accelerator.unwrap_model(self.model)
-        parameters = dict(self.unwrapped.named_parameters())
-        self.optimizers = {name: self._optimizer(parameters, names) for name, names in self.names_by_stream.items()}
+        named = dict(self.unwrapped.named_parameters())
+        self.stream_parameters = {
+            name: [named[n] for group in self._optimizer_groups(name) for n in group["names"]] for name in self.streams
+        }
         self.step, self.skipped_steps, self.nonfinite_in_row, self.history = 0, 0, 0, []
 
     # -- set-up ----------------------------------------------------------------------------------------------------
@@ -157,9 +169,9 @@ class JointTrainer:
             return model
         return self.accelerator.prepare(model)
 
-    def _optimizer(self, parameters: dict[str, nn.Parameter], names: list[str]) -> torch.optim.Optimizer:
-        """AdamW with one parameter group per (method group, decay): matrices decay, vectors (biases, scales,
-        norms, gates) do not, since decaying a scale or gate would pull the model away from its base."""
+    def _param_groups(self, parameters: dict[str, nn.Parameter], stream: str, names: list[str]) -> list[dict]:
+        """AdamW parameter groups of one stream, one per (method group, decay): matrices decay, vectors (biases,
+        scales, norms, gates) do not, since decaying a scale or gate would pull the model away from its base."""
         groups: dict[tuple[str, bool], list[str]] = {}
         for name in names:
             groups.setdefault((self.group_of[name], parameters[name].dim() >= 2), []).append(name)
@@ -170,12 +182,13 @@ class JointTrainer:
                 "weight_decay": self.config.weight_decay if decay else 0.0,
                 "lr": self.config.group_learning_rates.get(group, self.config.learning_rate),
                 "group": group,
+                "stream": stream,
             }
             for (group, decay), group_names in sorted(groups.items())
         ]
         for param_group in param_groups:
             param_group["initial_lr"] = param_group["lr"]
-        return torch.optim.AdamW(param_groups, betas=self.config.betas)
+        return param_groups
 
     def lr_factor(self, step: int) -> float:
         """Linear warm-up, then cosine decay to `min_lr_ratio` (or constant) over `max_steps`."""
@@ -212,42 +225,72 @@ class JointTrainer:
         return batches
 
     def _train_step(self, stream: DataStream) -> dict[str, float]:
-        optimizer = self.optimizers[stream.name]
-        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        parameters = self.stream_parameters[stream.name]
+        factor = self.lr_factor(self.step)
+        for group in self._optimizer_groups(stream.name):
+            group["lr"] = group["initial_lr"] * factor
         batches = self._micro_batches(stream)
         device = self.accelerator.device
         total_loss, tokens, finite = torch.zeros((), device=device), 0, True
-        for micro, batch in enumerate(batches):
-            last = micro == len(batches) - 1
-            sync = contextlib.nullcontext() if last or self.config.sharding == "fsdp2" else self.accelerator.no_sync(self.model)
-            with sync, self.accelerator.autocast():
-                if len(batch):
-                    loss = self.model(**{k: v.to(device) for k, v in batch.items()}).loss
-                    tokens += int(batch["attention_mask"].sum())
-                else:  # every row of this micro-batch was skipped; keep the collective backward in step
-                    loss = sum((p * 0).sum() for p in parameters)
-                if not torch.isfinite(loss):
-                    finite = False
-                    loss = sum((p * 0).sum() for p in parameters)
-                self.accelerator.backward(loss / len(batches))
-            total_loss += loss.detach().float() / len(batches)
-        all_finite = bool(self.accelerator.gather(torch.tensor([finite], device=device)).all())
-        factor = self.lr_factor(self.step)
+        with self._others_frozen(stream):
+            for micro, batch in enumerate(batches):
+                last = micro == len(batches) - 1
+                with self._sync(last), self.accelerator.autocast():
+                    if len(batch):
+                        loss = self.model(**{k: v.to(device) for k, v in batch.items()}).loss
+                        tokens += int(batch["attention_mask"].sum())
+                    else:  # every row of this micro-batch was skipped; keep the collective backward in step
+                        loss = sum((p * 0).sum() for p in parameters)
+                    if not torch.isfinite(loss):
+                        finite = False
+                        loss = sum((p * 0).sum() for p in parameters)
+                    if last:  # known before the last backward, which under DeepSpeed also steps
+                        all_finite = bool(self.accelerator.gather(torch.tensor([finite], device=device)).all())
+                        if self.deepspeed:
+                            self.optimizer.active = (stream.name,) if all_finite else ()
+                    # DeepSpeed divides by its gradient_accumulation_steps itself (set from the recipe)
+                    self.accelerator.backward(loss if self.deepspeed else loss / len(batches))
+                total_loss += loss.detach().float() / len(batches)
+        if not self.deepspeed:
+            if all_finite:
+                if self.config.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(parameters, self.config.max_grad_norm)
+                self.optimizers[stream.name].step()
+            for other in self.optimizers.values():  # grads of groups not stepped must not leak into later steps
+                other.zero_grad(set_to_none=True)
         if all_finite:
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * factor
-            if self.config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(parameters, self.config.max_grad_norm)
-            optimizer.step()
             self.nonfinite_in_row = 0
         else:
             self.skipped_steps += 1
             self.nonfinite_in_row += 1
-        for other in self.optimizers.values():  # grads of groups not stepped must not leak into later steps
-            other.zero_grad(set_to_none=True)
         mean_loss = self.accelerator.reduce(total_loss, "mean").item()
         return {"loss": mean_loss if all_finite else float("nan"), "tokens": tokens * self.accelerator.num_processes,
                 "lr": self.config.learning_rate * factor, "skipped": not all_finite}
+
+    def _optimizer_groups(self, stream: str) -> list[dict]:
+        if self.deepspeed:
+            return [group for group in self.optimizer.param_groups if group["stream"] == stream]
+        return self.optimizers[stream].param_groups
+
+    def _sync(self, last: bool):
+        if self.deepspeed:  # the engine reduces and steps at the end of accumulation
+            return self.accelerator.accumulate(self.model)
+        if last or self.config.sharding == "fsdp2":
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.model)
+
+    @contextlib.contextmanager
+    def _others_frozen(self, stream: DataStream):
+        """Under DeepSpeed the other streams' parameters get no gradient in this step, so that the engine's gradient
+        clipping measures this stream's gradients only (without DeepSpeed, `_train_step` clips them alone)."""
+        others = [p for name, ps in self.stream_parameters.items() if name != stream.name for p in ps] if self.deepspeed else []
+        for parameter in others:
+            parameter.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for parameter in others:
+                parameter.requires_grad_(True)
 
     # -- the run ---------------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -292,10 +335,11 @@ class JointTrainer:
 
     # -- files -----------------------------------------------------------------------------------------------------
     def full_tensors(self) -> dict[str, torch.Tensor]:
-        """Every trained tensor in full, gathered from the shards where parameters are sharded (all processes
-        must call this; each gets the full tensors)."""
+        """Every trained tensor in full, gathered from the shards where parameters are sharded (FSDP2, ZeRO-3; all
+        processes must call this; each gets the full tensors)."""
         parameters = dict(self.unwrapped.named_parameters())
-        return {name: _full(parameters[name]).cpu() for name in self.trained_names}
+        with ds.gathered(parameters[name] for name in self.trained_names):
+            return {name: _full(parameters[name]).cpu().clone() for name in self.trained_names}
 
     def save_adapter(self, path: Path) -> Path:
         tensors = self.full_tensors()
@@ -317,6 +361,7 @@ class JointTrainer:
             "param_groups": param_groups,
             "history": self.history,
             "world_size": self.accelerator.num_processes,
+            "deepspeed": self.deepspeed,
         }
         ckpt.write_checkpoint(
             folder,
@@ -326,6 +371,7 @@ class JointTrainer:
             rank=self.accelerator.process_index,
             is_main=self.accelerator.is_main_process,
             barrier=self.accelerator.wait_for_everyone,
+            write_shards=(lambda temporary: ds.save_state(self.model, temporary / "deepspeed")) if self.deepspeed else None,
         )
         if self.accelerator.is_main_process:
             ckpt.remove_stale(self.config.output_dir, keep=self.config.keep_checkpoints)
@@ -335,13 +381,21 @@ class JointTrainer:
         from safetensors.torch import load_file
 
         optimizer_tensors, state = ckpt.read_checkpoint(folder, self.accelerator.process_index)
-        parameters = dict(self.unwrapped.named_parameters())
-        with torch.no_grad():
-            for name, tensor in load_file(str(folder / "adapter.safetensors")).items():
-                _assign(parameters[name], tensor)
-        states = ckpt.unflatten_optimizer_states(optimizer_tensors, state["param_groups"])
-        for name, optimizer in self.optimizers.items():
-            self._load_optimizer_state(optimizer, states[name], parameters)
+        if state.get("deepspeed", False) != self.deepspeed:
+            raise ConfigError(
+                f"checkpoint '{folder}' was written {'with' if state.get('deepspeed') else 'without'} DeepSpeed; resume "
+                f"it the same way, or start in a new output_dir (TrainConfig.output_dir={self.config.output_dir!r})"
+            )
+        if self.deepspeed:  # trained parameters and the partitioned optimizer state
+            ds.load_state(self.model, folder / "deepspeed")
+        else:
+            parameters = dict(self.unwrapped.named_parameters())
+            with torch.no_grad():
+                for name, tensor in load_file(str(folder / "adapter.safetensors")).items():
+                    _assign(parameters[name], tensor)
+            states = ckpt.unflatten_optimizer_states(optimizer_tensors, state["param_groups"])
+            for name, optimizer in self.optimizers.items():
+                self._load_optimizer_state(optimizer, states[name], parameters)
         for name, cursor in state["streams"].items():
             self.streams[name].restore(cursor)
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
