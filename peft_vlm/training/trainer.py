@@ -209,27 +209,41 @@ class JointTrainer:
         return self.streams["caption" if is_caption else "instruction"]
 
     # -- one step --------------------------------------------------------------------------------------------------
-    def _micro_batches(self, stream: DataStream) -> list:
-        """This process's micro-batches of the next global batch (the same split for any number of processes)."""
+    def _micro_batches(self, stream: DataStream) -> tuple[list, list[list[int]]]:
+        """This process's micro-batches of the next global batch (the same split for any number of processes), and
+        the dataset indices of every slot of the global batch."""
         size, world, rank = self.config.batch_size, self.accelerator.num_processes, self.accelerator.process_index
         accumulation = self.config.gradient_accumulation_steps
         indices = stream.take(size * world * accumulation)
+        slots = [indices[slot * size : (slot + 1) * size] for slot in range(world * accumulation)]
         batches = []
         for micro in range(accumulation):
-            slot = micro * world + rank
-            batch = self.collate([stream.dataset[i] for i in indices[slot * size : (slot + 1) * size]])
+            batch = self.collate([stream.dataset[i] for i in slots[micro * world + rank]])
             report = getattr(stream.dataset, "report", None)
             if report is not None:
                 report.add_batch(batch)
             batches.append(batch)
-        return batches
+        return batches, slots
+
+    def _stand_in(self, stream: DataStream, slots: list[list[int]]):
+        """Under DeepSpeed every process runs the model in every micro-batch (the engine reduces gradients in the
+        order they come, and ZeRO-3 parameters exist whole only inside the forward): an empty micro-batch is replaced
+        by another slot of the same step, whose loss is then weighted 0."""
+        for rows in slots:
+            batch = self.collate([stream.dataset[i] for i in rows])
+            if len(batch):
+                return batch
+        raise PeftVlmError(
+            f"every row of the {stream.name} batch of step {self.step} was skipped as bad (data.bad_samples: skip); "
+            "under DeepSpeed a step needs at least one good row: check the data, or train without DeepSpeed"
+        )
 
     def _train_step(self, stream: DataStream) -> dict[str, float]:
         parameters = self.stream_parameters[stream.name]
         factor = self.lr_factor(self.step)
         for group in self._optimizer_groups(stream.name):
             group["lr"] = group["initial_lr"] * factor
-        batches = self._micro_batches(stream)
+        batches, slots = self._micro_batches(stream)
         device = self.accelerator.device
         total_loss, tokens, finite = torch.zeros((), device=device), 0, True
         with self._others_frozen(stream):
@@ -239,11 +253,15 @@ class JointTrainer:
                     if len(batch):
                         loss = self.model(**{k: v.to(device) for k, v in batch.items()}).loss
                         tokens += int(batch["attention_mask"].sum())
+                    elif self.deepspeed:
+                        stand_in = self._stand_in(stream, slots)
+                        loss = self.model(**{k: v.to(device) for k, v in stand_in.items()}).loss * 0
                     else:  # every row of this micro-batch was skipped; keep the collective backward in step
                         loss = sum((p * 0).sum() for p in parameters)
                     if not torch.isfinite(loss):
                         finite = False
-                        loss = sum((p * 0).sum() for p in parameters)
+                        if not self.deepspeed:  # under DeepSpeed it goes backward: no group steps, the engine drops the grads
+                            loss = sum((p * 0).sum() for p in parameters)
                     if last:  # known before the last backward, which under DeepSpeed also steps
                         all_finite = bool(self.accelerator.gather(torch.tensor([finite], device=device)).all())
                         if self.deepspeed:

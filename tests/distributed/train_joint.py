@@ -7,7 +7,8 @@
 Writes OUTPUT_DIR/history.json (the loss of every step) and OUTPUT_DIR/run.json: the world size, the DeepSpeed ZeRO
 stage, for every step whether the tensors of the groups it does not train stayed bitwise equal and whether its own
 moved, and (under DeepSpeed) the AdamW step count of every optimizer partition. With --stop-after K the run stops
-before step K+1, after the checkpoint of step K, as a killed run would.
+before step K+1, after the checkpoint of step K, as a killed run would. With --nan-at K the loss of the second
+micro-batch slot of step K (process 1's batch on two processes, the second micro-batch on one) is NaN.
 """
 import argparse
 import json
@@ -46,6 +47,24 @@ def optimizer_steps(trainer) -> dict[str, list[float]]:
     return steps
 
 
+def inject_nan(trainer, at_step: int) -> None:
+    module, forward = trainer.unwrapped, trainer.unwrapped.forward
+    world, rank = trainer.accelerator.num_processes, trainer.accelerator.process_index
+    calls = {"step": -1, "micro": 0}
+
+    def forward_with_nan(*args, **kwargs):
+        if calls["step"] != trainer.step:
+            calls.update(step=trainer.step, micro=0)
+        slot = calls["micro"] * world + rank
+        calls["micro"] += 1
+        output = forward(*args, **kwargs)
+        if trainer.step == at_step and slot == 1:
+            output.loss = output.loss * float("nan")
+        return output
+
+    module.forward = forward_with_nan
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("output_dir")
@@ -53,6 +72,7 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, default=2)
     parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--stop-after", type=int, default=None)
+    parser.add_argument("--nan-at", type=int, default=None, help="the loss of the second slot of this step is NaN")
     args = parser.parse_args()
 
     model = make_vlm(make_tokenizer(), register_tiny_vit(Path(tempfile.mkdtemp())))
@@ -85,6 +105,8 @@ def main() -> None:
         return metrics
 
     trainer._train_step = checked_step
+    if args.nan_at is not None:
+        inject_nan(trainer, args.nan_at)
     try:
         result = trainer.train()
     except Stop:
