@@ -113,3 +113,35 @@ def test_zero3_stopped_run_resumes_exactly(tmp_path, zero3):
     resumed = load_file(str(tmp_path / "adapter.safetensors"))
     expected = load_file(str(uninterrupted_output / "adapter.safetensors"))
     assert resumed.keys() == expected.keys() and all(torch.equal(resumed[n], expected[n]) for n in expected)
+
+
+def test_stream_adamw_steps_only_the_active_streams_groups():
+    from peft_vlm.training.deepspeed import StreamAdamW
+
+    vision, language = torch.nn.Parameter(torch.ones(3, 3)), torch.nn.Parameter(torch.ones(3, 3))
+    optimizer = StreamAdamW([{"params": [vision], "stream": "caption"}, {"params": [language], "stream": "instruction"}],
+                            lr=0.1, weight_decay=0.5)
+    for parameter in (vision, language):
+        parameter.grad = torch.ones(3, 3)
+    optimizer.active = ("caption",)
+    optimizer.step()
+    assert not torch.equal(vision, torch.ones(3, 3)) and torch.equal(language, torch.ones(3, 3))
+    assert language not in optimizer.state and int(optimizer.state[vision]["step"]) == 1
+    assert len(optimizer.param_groups) == 2
+    optimizer.active = ()  # a skipped step
+    optimizer.step()
+    assert int(optimizer.state[vision]["step"]) == 1 and language not in optimizer.state
+
+
+def test_a_deepspeed_config_that_disagrees_with_the_recipe_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from peft_vlm.errors import ConfigError
+    from peft_vlm.training.config import TrainConfig
+    from peft_vlm.training.deepspeed import prepare
+
+    ds_config = {"gradient_accumulation_steps": 1, "gradient_clipping": "auto", "train_micro_batch_size_per_gpu": "auto"}
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds_config)))
+    config = TrainConfig(output_dir=str(tmp_path), gradient_accumulation_steps=4)
+    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps=1 vs TrainConfig.gradient_accumulation_steps=4"):
+        prepare(accelerator, torch.nn.Linear(2, 2), None, config)
