@@ -5,7 +5,7 @@ Every method runs on a copy of one random model; at each size the methods altern
 the median after warm-up. The floor (one trainable scale at the input of the lowest layer, `common.add_floor_scale`)
 is timed beside them, so "vs floor" shows whether a method's overhead grows faster than the model's own cost. In both
 sweeps a quarter of the positions (the middle quarter), or the visual tokens, are marked as image tokens; only the
-visual expert routes them differently.
+visual experts route them differently (the full expert's trained copy runs on the image positions alone).
 
     python benchmarks/bench_scaling.py
     python benchmarks/bench_scaling.py --layers 8          # fewer decoder layers of the same width, for slow CPUs
@@ -28,6 +28,7 @@ METHODS = {
     "LoRA r=8": lambda m: pv.apply(m, peft.LoraConfig(r=8, lora_alpha=16, target_modules=PROJECTIONS)),
     "bias/scale": lambda m: pv.apply(m, pv.BiasScaleConfig()),
     "visual expert r=8": lambda m: pv.apply(m, pv.VisualExpertConfig(rank=8, alpha=16)),
+    "visual expert full": lambda m: pv.apply(m, pv.VisualExpertConfig()),
 }
 
 
