@@ -112,6 +112,11 @@ def build_model(spec: dict):
         # the last block: a linear probe reads shape there at 83%, at 76% from the second to last
         spec["vision_options"] = {"feature_layer": -1, **spec.get("vision_options", {})}
     elif isinstance(vision, list):  # two fused towers, either of them may be the embedded one
+        if CONTRASTIVE_VISION in vision:
+            raise ConfigError(
+                f"model.vision: fused towers take no weights file per tower, so {CONTRASTIVE_VISION!r} (a pretrained "
+                f"tower) cannot be one of them; use {EMBEDDED!r} or open_clip model names in the list"
+            )
         vision = [register_default_vision() if tower == EMBEDDED else tower for tower in vision]
     known = {"vision_pretrained", "connector", "load_in_4bit", "vision_options", "dtype", "train_vision_tower",
              "image_boundaries", "use_chat_template"}

@@ -7,7 +7,7 @@ from PIL import Image
 
 import peft_vlm as pv
 from peft_vlm.cli import main as cli
-from peft_vlm.recipes import apply_override, load_recipe, stages
+from peft_vlm.recipes import apply_override, build_model, load_recipe, stages
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -99,6 +99,8 @@ def test_bad_recipe_inputs_are_one_line_errors(tiny_files, capsys):
     recipe = load_recipe(tiny_files / "bad2.yaml")
     with pytest.raises(pv.ConfigError, match="unknown training option.*max_stepz"):
         pv.TrainConfig.from_dict(recipe["train"])
+    with pytest.raises(pv.ConfigError, match="model.vision: fused towers.*'embedded_contrastive'"):
+        build_model({"vision": ["embedded", "embedded_contrastive"]})
 
 
 def test_overrides_reach_nested_sections_and_list_items():
