@@ -16,7 +16,8 @@ from peft_vlm.adapter_file import read_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "distributed" / "train_joint.py"
-COMMON = ["--max-steps", 6, "--checkpoint-every", 2, "--nan-at", 2]  # step 2: process 1's loss is NaN
+# Two processes, two micro-batches a step (DeepSpeed's accumulation); step 2: one micro-batch's loss is NaN
+COMMON = ["--max-steps", 6, "--checkpoint-every", 2, "--nan-at", 2, "--accumulation", 2]
 
 
 def launch(output: Path, *args, zero_stage: int | None = None) -> list[dict]:
@@ -46,9 +47,9 @@ def runs(output: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One process, no DeepSpeed, two micro-batches a step: the global batch of two processes."""
+    """One process, no DeepSpeed, four micro-batches a step: the global batch of two processes."""
     output = tmp_path_factory.mktemp("one")
-    history = launch(output, *COMMON, "--accumulation", 2)
+    history = launch(output, *COMMON, "--accumulation", 4)
     return history, load_file(str(output / "adapter.safetensors"))
 
 

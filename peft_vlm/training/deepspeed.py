@@ -36,16 +36,17 @@ def requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def accelerator_options() -> dict:
+def accelerator_options(config) -> dict:
     """Arguments for `Accelerator`: accelerate runs DeepSpeed only with `cpu=False`. Without a GPU, DeepSpeed picks
     its CPU accelerator, whose backend is gloo (ccl when oneccl_bindings_for_pytorch is installed); accelerate must be
     given that backend, or it counts one process only."""
+    options = {"cpu": False, "gradient_accumulation_steps": config.gradient_accumulation_steps}
     if torch.cuda.is_available():
-        return {"cpu": False}
+        return options
     from accelerate.utils import InitProcessGroupKwargs
     from deepspeed.accelerator import get_accelerator
 
-    return {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend=get_accelerator().communication_backend_name())]}
+    return {**options, "kwargs_handlers": [InitProcessGroupKwargs(backend=get_accelerator().communication_backend_name())]}
 
 
 class StreamAdamW(torch.optim.AdamW):

@@ -128,7 +128,7 @@ class JointTrainer:
             mixed_precision = "bf16" if torch.cuda.is_available() else "no"
         self.deepspeed = ds.requested()
         if self.deepspeed:
-            options = ds.accelerator_options()
+            options = ds.accelerator_options(config)
         else:
             options = {"cpu": not torch.cuda.is_available(),
                        "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=True)]}
