@@ -146,3 +146,5 @@ def test_a_deepspeed_config_that_disagrees_with_the_recipe_is_refused(tmp_path):
     config = TrainConfig(output_dir=str(tmp_path), gradient_accumulation_steps=4)
     with pytest.raises(ConfigError, match=r"gradient_accumulation_steps=1 vs TrainConfig.gradient_accumulation_steps=4"):
         prepare(accelerator, torch.nn.Linear(2, 2), None, config)
+    with pytest.raises(ConfigError, match=r"TrainConfig.sharding='fsdp2' does not apply under DeepSpeed"):
+        prepare(accelerator, torch.nn.Linear(2, 2), None, TrainConfig(output_dir=str(tmp_path), sharding="fsdp2"))

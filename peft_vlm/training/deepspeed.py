@@ -73,6 +73,9 @@ def prepare(accelerator, model: torch.nn.Module, optimizer: StreamAdamW, config)
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
         "gradient_clipping": float(config.max_grad_norm or 0.0),
     }
+    if config.sharding != "ddp":
+        raise ConfigError(f"TrainConfig.sharding={config.sharding!r} does not apply under DeepSpeed (its ZeRO stage "
+                          "shards); leave it at 'ddp' or launch without the DeepSpeed config")
     ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
     wrong = [key for key, value in recipe.items() if ds_config.get(key, "auto") not in ("auto", value)]
     if wrong:
