@@ -211,8 +211,13 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
     from peft_vlm.training import JointTrainer, TrainConfig
     from peft_vlm.training import evaluate
 
+    from accelerate.utils import set_seed
+
     start = time.time()
     figures: dict[str, Any] = {"recipe": recipe["name"]}
+    # The connector's and the methods' initial weights come from the global generators: seed them first, so a
+    # recipe gives the same run whatever ran before it in the process (a tower pretrained on first use, say).
+    set_seed(int((recipe.get("train") or {}).get("seed", TrainConfig.seed)))
     model = build_model(recipe.get("model") or {})
     eval_spec = recipe.get("eval")
     questions = evaluation_questions(eval_spec) if eval_spec else []

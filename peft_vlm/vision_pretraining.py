@@ -128,7 +128,8 @@ def pretrained_tower(recipe: TowerRecipe | None = None, **options) -> str:
         return str(path)
     print(f"vision tower: first use, pretraining {recipe.model} contrastively on easy-vqa ({recipe.steps} steps); "
           f"cached in {path.parent}")
-    model, _, _ = train_tower(recipe)
+    with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was, trained tower or cached
+        model, _, _ = train_tower(recipe)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     torch.save(model.state_dict(), partial)

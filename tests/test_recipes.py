@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import peft_vlm as pv
@@ -61,6 +62,19 @@ def test_every_recipe_trains_a_few_steps_and_writes_an_adapter(name, tiny_files,
     assert adapter.is_file() and "trainable parameters" in out
     metadata, tensors = pv.adapter_file.read_adapter(adapter)
     assert tensors and metadata["base_model"]["vision"] == tiny_vit
+
+
+def test_a_recipe_gives_the_same_adapter_whatever_the_process_drew_before(tiny_files, tiny_vit, capsys):
+    extra = [item.format(d=tiny_files) for item in DATA["llama_adapter_v1"]]
+    adapters = []
+    for run, draws in enumerate([0, 1000]):
+        torch.rand(draws)  # e.g. a vision tower pretrained on first use, or another recipe, ran before
+        overrides = tiny_overrides(tiny_files, tiny_vit, *extra, f"train.output_dir={tiny_files / f'run{run}'}")
+        assert cli(["train", str(RECIPES / "llama_adapter_v1.yaml"), "--max-steps", "1", *overrides]) == 0
+        adapters.append(pv.adapter_file.read_adapter(tiny_files / f"run{run}" / "adapter.safetensors")[1])
+    capsys.readouterr()
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][name], adapters[1][name]) for name in adapters[0])
 
 
 def test_joint_recipe_reports_accuracy_with_real_and_grey_images(tiny_files, tiny_vit, capsys):

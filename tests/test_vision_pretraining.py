@@ -36,7 +36,9 @@ def test_same_caption_pairs_are_positives():
 
 def test_tower_is_trained_once_then_read_from_the_cache_and_loads_frozen(cache, tokenizer):
     recipe = vp.TowerRecipe(model="test-tiny-clip", steps=2, batch_size=8, limit=16)
+    random_state = torch.get_rng_state()
     path = vp.pretrained_tower(recipe)
+    assert torch.equal(torch.get_rng_state(), random_state)  # training on first use leaves the caller's RNG alone
     assert path.startswith(str(cache)) and recipe.key() in path
     assert vp.pretrained_tower(recipe) == path  # cached: no second training
     assert vp.TowerRecipe(model="test-tiny-clip", steps=3, batch_size=8, limit=16).key() != recipe.key()
