@@ -78,9 +78,9 @@ class ImageRouter:
 
     def rows(self, hidden: torch.Tensor) -> Rows | None:
         """The rows of `hidden` (batch, length, features), or None when the call has no image position."""
-        if self.context.image_mask(hidden) is None:
-            return None
         types = self.context.token_types
+        if types is None or types.shape != hidden.shape[:2]:  # all text, or a cached decoding step
+            return None
         if types is not self._types:
             self._types, self._rows = types, _split_rows(types.reshape(-1).to(hidden.device))
         return self._rows
