@@ -32,12 +32,11 @@ class RoutingContext:
     # after the token types of the call are known. Methods append to this list when they attach.
     call_transforms: list[Callable[["RoutingContext", dict], None]] = field(default_factory=list)
 
-    def image_mask(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Boolean (batch, length) mask of image positions for `hidden` (batch, length, ...), or None if all text."""
+    def types_for(self, shape: tuple[int, int]) -> torch.Tensor | None:
+        """The running call's token types if they cover `shape` (batch, length); None when the call is all text or
+        is another one (a cached decoding step)."""
         types = self.token_types
-        if types is None or types.shape != hidden.shape[:2]:
-            return None
-        return types == IMAGE
+        return types if types is not None and tuple(types.shape) == tuple(shape) else None
 
 
 def _call_shape(args: tuple, kwargs: dict) -> torch.Size | None:

@@ -50,8 +50,8 @@ def preceding_image(context, visual: torch.Tensor, owner: torch.Tensor, rows: in
     if len(per_row) > rows:
         raise ConfigError(f"the images belong to {len(per_row)} batch rows but the call has {rows}")
     first = torch.cumsum(per_row, 0) - per_row  # images are numbered in reading order, row by row
-    types = context.token_types
-    if types is not None and types.shape == (rows, length):
+    types = context.types_for((rows, length))
+    if types is not None:
         is_image = types.to(owner.device) == IMAGE
         starts = is_image & ((is_image.cumsum(1) - 1) % tokens_per_image == 0)  # first token of each image
         local = starts.cumsum(1) - 1

@@ -78,8 +78,8 @@ class ImageRouter:
 
     def rows(self, hidden: torch.Tensor) -> Rows | None:
         """The rows of `hidden` (batch, length, features), or None when the call has no image position."""
-        types = self.context.token_types
-        if types is None or types.shape != hidden.shape[:2]:  # all text, or a cached decoding step
+        types = self.context.types_for(hidden.shape[:2])
+        if types is None:
             return None
         if types is not self._types:
             self._types, self._rows = types, _split_rows(types.reshape(-1).to(hidden.device))
@@ -87,10 +87,11 @@ class ImageRouter:
 
 
 def _split_rows(flat_types: torch.Tensor) -> Rows | None:
-    images = int((flat_types == IMAGE).sum())
+    is_image = (flat_types == IMAGE).to(torch.uint8)
+    images = int(is_image.sum())
     if images == 0:
         return None
-    order = torch.argsort((flat_types == IMAGE).to(torch.uint8), stable=True)
+    order = torch.argsort(is_image, stable=True)
     texts = flat_types.numel() - images
     return Rows(text=order[:texts], image=order[texts:], restore=torch.argsort(order))
 
