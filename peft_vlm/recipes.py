@@ -205,13 +205,13 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
     """Build the model, train every stage, save the adapter, evaluate; returns the figures it printed."""
     import time
 
+    from accelerate.utils import set_seed
+
     from peft_vlm.data import SampleEncoder
     from peft_vlm.plugins import apply
     from peft_vlm.summary import trainable_summary
     from peft_vlm.training import JointTrainer, TrainConfig
     from peft_vlm.training import evaluate
-
-    from accelerate.utils import set_seed
 
     start = time.time()
     figures: dict[str, Any] = {"recipe": recipe["name"]}
