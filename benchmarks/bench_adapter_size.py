@@ -21,8 +21,8 @@ import peft
 import torch
 
 import peft_vlm as pv
-from peft_vlm.adapter_file import adapter_metadata
-from peft_vlm.state import named_tracked_parameters
+from peft_vlm.methods.adapter_file import adapter_metadata
+from peft_vlm.runtime.tracking import named_tracked_parameters
 import common  # this folder is on sys.path when a script here runs
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

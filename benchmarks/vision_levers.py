@@ -28,8 +28,8 @@ import torch
 import peft_vlm as pv
 from peft_vlm.data import SampleDataset, SampleEncoder
 from peft_vlm.data import easy_vqa as ev
-from peft_vlm.embedded import default_language_model_path, register_default_vision
-from peft_vlm.training.evaluate import Question, grey_image, vqa_accuracy
+from peft_vlm.embedded.models import default_language_model_path, register_default_vision
+from peft_vlm.evaluation.vqa import Question, grey_image, vqa_accuracy
 
 RESULTS = Path(__file__).with_name("VISION_LEVERS.md")
 HEADER = ("| date | load (1 min) | command | train s (CPU s) | steps | s/step | overall | colour | shape | yes/no "
@@ -62,7 +62,7 @@ def parse_args():
 def build_model(args):
     vision, weights = register_default_vision(), None
     if args.tower_steps:
-        from peft_vlm.vision_pretraining import PRETRAINED_VISION, pretrained_tower
+        from peft_vlm.embedded.tower_pretraining import PRETRAINED_VISION, pretrained_tower
 
         vision, weights = PRETRAINED_VISION, pretrained_tower(steps=args.tower_steps)
     model = pv.VisionLanguageModel.from_pretrained(

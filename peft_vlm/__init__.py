@@ -6,7 +6,7 @@ vision-language model.
     pv.apply(model, peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
     print(pv.trainable_summary(model))
 """
-__version__ = "0.1.0"
+from peft_vlm.version import __version__  # noqa: E402,F401
 
 from peft_vlm.errors import (  # noqa: E402
     AdapterFileError,
@@ -19,13 +19,14 @@ from peft_vlm.errors import (  # noqa: E402
     PeftVlmError,
     UnknownMethodError,
 )
-from peft_vlm.plugins import Method, apply, available_methods, merge, register, unmerge  # noqa: E402
-from peft_vlm.presets import available_presets  # noqa: E402
-from peft_vlm.routing import token_types  # noqa: E402
-from peft_vlm.summary import trainable_summary  # noqa: E402
-from peft_vlm.adapter_file import describe_adapter, load_adapter, save_adapter  # noqa: E402
-from peft_vlm.connectors import available_connectors, register_connector  # noqa: E402
-from peft_vlm.model import VisionLanguageModel  # noqa: E402
+from peft_vlm.methods.apply import apply, merge, unmerge  # noqa: E402
+from peft_vlm.methods.registry import Method, available_methods, register  # noqa: E402
+from peft_vlm.methods.presets import available_presets  # noqa: E402
+from peft_vlm.runtime.token_context import token_types  # noqa: E402
+from peft_vlm.methods.summary import trainable_summary  # noqa: E402
+from peft_vlm.methods.adapter_file import describe_adapter, load_adapter, save_adapter  # noqa: E402
+from peft_vlm.model.connectors import available_connectors, register_connector  # noqa: E402
+from peft_vlm.model.vision_language_model import VisionLanguageModel  # noqa: E402
 
 # Method configs live with their methods, and training pulls in accelerate: importing them on first use keeps
 # `import peft_vlm` light and the core free of imports of methods.
@@ -36,7 +37,7 @@ _LAZY = {
     "AdaptionPromptConfig": "peft_vlm.methods.adaption_prompt",
     "BiasScaleConfig": "peft_vlm.methods.bias_scale",
     "EarlyFusionConfig": "peft_vlm.methods.early_fusion",
-    "VisualQueryPromptConfig": "peft_vlm.methods.early_fusion",
+    "VisualQueryPromptConfig": "peft_vlm.methods.visual_query_prompt",
     "VisualExpertConfig": "peft_vlm.methods.visual_expert",
     "GatedCrossAttentionConfig": "peft_vlm.methods.gated_cross_attention",
 }

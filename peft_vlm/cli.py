@@ -72,7 +72,7 @@ def _train(arguments: argparse.Namespace) -> None:
 
 def _model_for(adapter: str, recipe_path: str | None, overrides: list[str]):
     """A fresh base as the adapter file describes it (or as a recipe's model section says), with the adapter loaded."""
-    from peft_vlm.adapter_file import load_adapter, read_adapter
+    from peft_vlm.methods.adapter_file import load_adapter, read_adapter
     from peft_vlm.errors import AdapterFileError
     from peft_vlm.recipes import apply_override, build_model, load_recipe
 
@@ -103,7 +103,7 @@ def _generate(arguments: argparse.Namespace) -> None:
 
 def _eval(arguments: argparse.Namespace) -> None:
     from peft_vlm.recipes import evaluation_questions, load_recipe
-    from peft_vlm.training import evaluate
+    from peft_vlm.evaluation import vqa
 
     model = _model_for(arguments.adapter, arguments.recipe, arguments.set or [])
     if arguments.data:
@@ -115,9 +115,9 @@ def _eval(arguments: argparse.Namespace) -> None:
         spec = {"format": "easy_vqa", "split": "test", "limit": arguments.limit}
     figures = {"recipe": f"eval {arguments.adapter}"}
     questions = evaluation_questions(spec)
-    figures["accuracy"] = evaluate.vqa_accuracy(model, questions, progress=True)
+    figures["accuracy"] = vqa.vqa_accuracy(model, questions, progress=True)
     if arguments.grey_image:
-        figures["grey_image"] = evaluate.vqa_accuracy(model, questions, replace_image=evaluate.grey_image(model))
+        figures["grey_image"] = vqa.vqa_accuracy(model, questions, replace_image=vqa.grey_image(model))
     print(format_figures(figures))
     if arguments.perplexity:
         from peft_vlm.data import Collator, SampleEncoder
@@ -125,11 +125,11 @@ def _eval(arguments: argparse.Namespace) -> None:
 
         dataset = build_dataset(spec, SampleEncoder.for_model(model), {"bad_samples": "skip"})
         examples = (dataset[i] for i in range(len(dataset) if not spec.get("limit") else min(len(dataset), spec["limit"])))
-        print("loss/perplexity: " + json.dumps(evaluate.perplexity(model, examples, Collator.for_model(model))))
+        print("loss/perplexity: " + json.dumps(vqa.perplexity(model, examples, Collator.for_model(model))))
 
 
 def _info(arguments: argparse.Namespace) -> None:
-    from peft_vlm.adapter_file import describe_adapter
+    from peft_vlm.methods.adapter_file import describe_adapter
 
     print(describe_adapter(arguments.adapter))
 

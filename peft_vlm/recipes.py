@@ -95,8 +95,8 @@ def apply_override(recipe: dict, override: str) -> None:
 
 def build_model(spec: dict):
     """A VisionLanguageModel from the recipe's `model` section."""
-    from peft_vlm.embedded import CONTRASTIVE_VISION, default_language_model_path, register_default_vision
-    from peft_vlm.model import VisionLanguageModel
+    from peft_vlm.embedded.models import CONTRASTIVE_VISION, default_language_model_path, register_default_vision
+    from peft_vlm.model.vision_language_model import VisionLanguageModel
 
     spec = {key: value for key, value in spec.items() if value is not None}
     language_model = spec.pop("language_model", EMBEDDED)
@@ -106,7 +106,7 @@ def build_model(spec: dict):
     if vision == EMBEDDED:
         vision = register_default_vision()
     elif vision == CONTRASTIVE_VISION:  # trained on first use (minutes), then read from the cache
-        from peft_vlm.vision_pretraining import PRETRAINED_VISION, pretrained_tower
+        from peft_vlm.embedded.tower_pretraining import PRETRAINED_VISION, pretrained_tower
 
         vision, spec["vision_pretrained"] = PRETRAINED_VISION, pretrained_tower()
         # the last block: a linear probe reads shape there at 83%, at 76% from the second to last
@@ -128,7 +128,7 @@ def build_model(spec: dict):
 
 def method_specs(entries: list) -> list:
     """Presets/method names stay strings; {method: NAME, ...} mappings become method configs."""
-    from peft_vlm.plugins import get_method
+    from peft_vlm.methods.registry import get_method
 
     specs = []
     for entry in entries or []:
@@ -184,7 +184,7 @@ def stages(recipe: dict) -> list[dict]:
 def evaluation_questions(spec: dict) -> list:
     """Questions for `vqa_accuracy`: easy-VQA's test split (evenly spaced `limit` questions) or a LLaVA-format file."""
     from peft_vlm.data import easy_vqa, read_dataset
-    from peft_vlm.training.evaluate import Question
+    from peft_vlm.evaluation.vqa import Question
 
     if spec.get("format") == "easy_vqa":
         samples = easy_vqa.instruction_samples(spec.get("split", "test")).samples
@@ -208,10 +208,10 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
     from peft_vlm.data import SampleEncoder
-    from peft_vlm.plugins import apply
-    from peft_vlm.summary import trainable_summary
+    from peft_vlm.methods.apply import apply
+    from peft_vlm.methods.summary import trainable_summary
     from peft_vlm.training import JointTrainer, TrainConfig
-    from peft_vlm.training import evaluate
+    from peft_vlm.evaluation import vqa
 
     start = time.time()
     figures: dict[str, Any] = {"recipe": recipe["name"]}
@@ -222,7 +222,7 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
     eval_spec = recipe.get("eval")
     questions = evaluation_questions(eval_spec) if eval_spec else []
     if questions and eval_spec.get("zero_shot"):
-        figures["zero_shot"] = evaluate.vqa_accuracy(model, questions, progress=True)
+        figures["zero_shot"] = vqa.vqa_accuracy(model, questions, progress=True)
         log(f"zero-shot (untouched model): {figures['zero_shot']}")
     all_stages = stages(recipe)
     output_root = Path((recipe.get("train") or {}).get("output_dir", f"out/{recipe['name']}"))
@@ -255,19 +255,19 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
     figures["trainable_parameters"] = trainable_summary(model).trainable_parameters
     figures["train_seconds"] = result.seconds
     if questions:
-        figures["accuracy"] = evaluate.vqa_accuracy(model, questions, progress=True)
+        figures["accuracy"] = vqa.vqa_accuracy(model, questions, progress=True)
         if eval_spec.get("grey_image"):
-            figures["grey_image"] = evaluate.vqa_accuracy(model, questions, replace_image=evaluate.grey_image(model))
+            figures["grey_image"] = vqa.vqa_accuracy(model, questions, replace_image=vqa.grey_image(model))
         if eval_spec.get("format") == "easy_vqa" and eval_spec.get("text_only_ceiling"):
             from peft_vlm.data import easy_vqa
 
             figures["text_only_ceiling"] = easy_vqa.text_only_ceiling()
         if eval_spec.get("verify_reload"):
             # the shared file must be the whole story: a fresh base plus the adapter answers exactly the same
-            from peft_vlm.adapter_file import load_adapter
+            from peft_vlm.methods.adapter_file import load_adapter
 
             reloaded = load_adapter(build_model(recipe.get("model") or {}), result.adapter_path)
-            figures["reloaded"] = evaluate.vqa_accuracy(reloaded, questions)
+            figures["reloaded"] = vqa.vqa_accuracy(reloaded, questions)
             answers = [answer for _, _, answer in figures["accuracy"].examples]
             figures["reload_identical"] = answers == [answer for _, _, answer in figures["reloaded"].examples]
     figures["wall_seconds"] = time.time() - start

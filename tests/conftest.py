@@ -124,3 +124,18 @@ def assert_cached_generation_matches_full_decoding(model, batch, steps):
             next_token = logits[:, -1].argmax(-1, keepdim=True)
             ids, mask = torch.cat([ids, next_token], 1), torch.cat([mask, torch.ones_like(next_token)], 1)
     assert cached.tolist() == ids[:, batch["input_ids"].shape[1]:].tolist()
+
+
+def train_steps(model, batch, steps, lr=3e-3):
+    """AdamW steps on one fixed batch; the losses seen, then the model back in eval mode."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses

@@ -11,7 +11,7 @@ from torch.utils.data import get_worker_info
 
 from peft_vlm.data.report import Skipped
 from peft_vlm.errors import ConfigError
-from peft_vlm.prompting import IGNORE_INDEX, pad_left
+from peft_vlm.data.prompting import IGNORE_INDEX, pad_left
 
 
 class Batch(dict):

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 from peft_vlm.data.formats import SampleList, caption_messages
 from peft_vlm.errors import ConfigError
-from peft_vlm.prompting import IMAGE_PLACEHOLDER
+from peft_vlm.data.prompting import IMAGE_PLACEHOLDER
 
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")

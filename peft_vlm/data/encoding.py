@@ -17,7 +17,7 @@ import torch
 from peft_vlm.data.images import ImageProcessor
 from peft_vlm.data.report import MISALIGNED, NO_ANSWER, TOO_LONG, WRONG_SCHEMA
 from peft_vlm.errors import ConfigError, DataError
-from peft_vlm.prompting import (
+from peft_vlm.data.prompting import (
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
     IMAGE_TOKEN_ID,

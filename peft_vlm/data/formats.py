@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 from peft_vlm.data.records import RecordFile, row_source
 from peft_vlm.data.report import INVALID_JSON, NO_ANSWER, WRONG_SCHEMA
 from peft_vlm.errors import ConfigError, DataError
-from peft_vlm.prompting import IMAGE_PLACEHOLDER
+from peft_vlm.data.prompting import IMAGE_PLACEHOLDER
 
 CAPTION_PROMPT = "Describe the image briefly."
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}

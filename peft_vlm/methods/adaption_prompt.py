@@ -6,7 +6,7 @@ attends to them in a softmax of its own, and the result, scaled per head by tanh
 to the layer's normal attention output. The model is therefore unchanged at initialisation, and the KV cache is
 untouched: the K prompt keys are recomputed from the parameters at every call, which costs next to nothing.
 
-It plugs in through `peft_vlm.attention` (an `AttentionInterface` twin of the model's own attention), so no
+It plugs in through `peft_vlm.runtime.attention` (an `AttentionInterface` twin of the model's own attention), so no
 attention code of `transformers` is copied. With `multimodal=True` (sec 3.4) a global image feature, projected by a
 trainable linear layer, is added to every prompt of the rows that have an image.
 """
@@ -18,10 +18,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from peft_vlm.attention import AttentionCall, add_extension, attention_modules, gated_token_attention
+from peft_vlm.runtime.attention import AttentionCall, add_extension, attention_modules, gated_token_attention
 from peft_vlm.errors import ConfigError
-from peft_vlm.plugins import Method, register
-from peft_vlm.state import state_of
+from peft_vlm.runtime.lm_layers import hidden_dtype, hidden_size, layer_device
+from peft_vlm.methods.registry import Method, register
+from peft_vlm.runtime.tracking import state_of
 
 #: (batch rows) -> prompt offsets (rows, 1 or length, hidden) to add to the prompts, or None for none this call.
 PromptOffset = Callable[[int], "torch.Tensor | None"]
@@ -108,19 +109,6 @@ class AdaptionPrompt(nn.Module):
                 prompts = prompts + addition.to(prompts.dtype)
         # LLaMA-Adapter eq. 8-10: S_g = [softmax(S_K) * tanh(g); softmax(S_M)], i.e. a separately gated softmax
         return gated_token_attention(call, prompts, self.gate)
-
-
-def hidden_size(language_model: nn.Module) -> int:
-    return language_model.get_input_embeddings().embedding_dim
-
-
-def hidden_dtype(language_model: nn.Module) -> torch.dtype:
-    """The dtype of hidden states (that of the embeddings; 4-bit layers store their weights in another)."""
-    return language_model.get_input_embeddings().weight.dtype
-
-
-def layer_device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 @register

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from peft_vlm.errors import ConfigError, NotMergeableError
-from peft_vlm.plugins import Method, language_model_of, register
+from peft_vlm.methods.registry import Method, register
+from peft_vlm.runtime.lm_layers import language_model_of
 
 SUBMODULE = "bias_scale"
 QUANTIZED_WEIGHTS = ("Params4bit", "Int8Params")

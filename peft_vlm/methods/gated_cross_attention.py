@@ -22,10 +22,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from peft_vlm.errors import ConfigError
-from peft_vlm.methods.adaption_prompt import hidden_dtype, hidden_size, layer_device
-from peft_vlm.plugins import Method, register
-from peft_vlm.routing import IMAGE
-from peft_vlm.state import state_of
+from peft_vlm.methods.registry import Method, register
+from peft_vlm.runtime.lm_layers import hidden_dtype, hidden_size, layer_device
+from peft_vlm.runtime.token_context import IMAGE
+from peft_vlm.runtime.tracking import state_of
 
 
 @dataclass

@@ -17,8 +17,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from peft_vlm.errors import PeftVlmError
-from peft_vlm.plugins import Method, language_model_of, register
-from peft_vlm.state import state_of
+from peft_vlm.methods.registry import Method, register
+from peft_vlm.runtime.lm_layers import language_model_of
+from peft_vlm.runtime.tracking import state_of
 
 ADAPTER_NAME = "default"
 

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_vlm.errors import ConfigError, IncompatibleMethodsError
-from peft_vlm.plugins import Method, register
-from peft_vlm.routing import IMAGE, RoutingContext
-from peft_vlm.state import state_of
+from peft_vlm.methods.registry import Method, register
+from peft_vlm.runtime.token_context import IMAGE, RoutingContext
+from peft_vlm.runtime.tracking import state_of
 
 # Which projections of a LLaMA-class decoder layer get an expert, by the submodule that holds them.
 EXPERT_PROJECTIONS = {

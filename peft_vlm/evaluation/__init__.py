@@ -1,0 +1,2 @@
+"""Evaluation: short-answer / multiple-choice VQA accuracy (`vqa`) and ScienceQA scoring (`scienceqa`).
+"""

@@ -1,0 +1,132 @@
+"""Evaluation: short-answer / multiple-choice VQA accuracy (exact match after normalisation), per question type and
+with a neutral grey image in place of the real one, and loss/perplexity on labelled data."""
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+from PIL import Image
+
+from peft_vlm.data.report import Skipped
+from peft_vlm.data.prompting import IMAGE_PLACEHOLDER
+
+ARTICLES = {"a", "an", "the"}
+GREY = (128, 128, 128)  # neutral: a black image is unlike anything in training and makes models babble
+
+
+def normalize_answer(text: str) -> str:
+    """The first line, lower case, without punctuation, articles and extra spaces (VQA's usual normalisation)."""
+    text = text.strip().split("\n", 1)[0].lower()
+    text = text.translate(str.maketrans("", "", string.punctuation))
+    return " ".join(word for word in text.split() if word not in ARTICLES)
+
+
+@dataclass
+class Question:
+    question: str
+    answer: str
+    image: object | None  # a path, a PIL image or None
+    kind: str = "all"
+    source: str = ""
+
+    @classmethod
+    def from_sample(cls, sample: dict, kind_of: Callable[[str], str] | None = None) -> "Question":
+        """A single-turn sample as the data readers give it (user turn with the question, assistant with the answer)."""
+        question = sample["messages"][0]["content"].replace(IMAGE_PLACEHOLDER, "").strip()
+        images = sample.get("images") or [None]
+        kind = kind_of(question) if kind_of else "all"
+        return cls(question, sample["messages"][1]["content"], images[0], kind, sample.get("source", ""))
+
+
+@dataclass
+class Accuracy:
+    correct: Counter = field(default_factory=Counter)
+    total: Counter = field(default_factory=Counter)
+    examples: list[tuple[str, str, str]] = field(default_factory=list)  # (question, expected, answered)
+
+    def add(self, kind: str, expected: str, answered: str, question: str) -> None:
+        hit = normalize_answer(answered) == normalize_answer(expected)
+        for key in ("all", kind):
+            self.total[key] += 1
+            self.correct[key] += hit
+        self.examples.append((question, expected, answered))
+
+    def __getitem__(self, kind: str) -> float:
+        return self.correct[kind] / self.total[kind] if self.total[kind] else float("nan")
+
+    def as_dict(self) -> dict[str, float]:
+        return {kind: self[kind] for kind in self.total}
+
+    def __str__(self) -> str:
+        return "  ".join(f"{kind} {100 * self[kind]:.1f}% ({self.total[kind]})" for kind in sorted(self.total))
+
+
+def _load(image):
+    return Image.open(image).convert("RGB") if isinstance(image, str) else image
+
+
+@torch.no_grad()
+def vqa_accuracy(
+    model,
+    questions: Sequence[Question],
+    batch_size: int = 16,
+    max_new_tokens: int = 8,
+    replace_image: Image.Image | None = None,
+    progress: bool = False,
+) -> Accuracy:
+    """Greedy answers to every question; `replace_image` (e.g. `grey_image(model)`) stands in for every real image."""
+    model.eval()
+    accuracy = Accuracy()
+    batches = range(0, len(questions), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="evaluating", leave=False)
+    for start in batches:
+        chunk = questions[start : start + batch_size]
+        images = [None if q.image is None else (replace_image or _load(q.image)) for q in chunk]
+        answers = model.generate(images=images, prompts=[q.question for q in chunk], max_new_tokens=max_new_tokens)
+        for q, answer in zip(chunk, answers):
+            accuracy.add(q.kind, q.answer, answer, q.question)
+    return accuracy
+
+
+def grey_image(model) -> Image.Image:
+    return Image.new("RGB", tuple(model.vision_tower.image_size), GREY)
+
+
+@torch.no_grad()
+def perplexity(model, examples: Iterable, collate, batch_size: int = 8) -> dict[str, float]:
+    """Mean loss over answer tokens (token-weighted) and its exponential."""
+    model.eval()
+    total_loss, total_tokens, batch = 0.0, 0, []
+
+    def flush():
+        nonlocal total_loss, total_tokens
+        collated = collate(batch)
+        if len(collated):
+            tokens = collated.num_answer_tokens
+            total_loss += model(**collated).loss.item() * tokens
+            total_tokens += tokens
+        batch.clear()
+
+    for example in examples:
+        if not isinstance(example, Skipped):
+            batch.append(example)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    loss = total_loss / max(total_tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": total_tokens}
+
+
+def multiple_choice_letter(text: str) -> str | None:
+    """The chosen option of an answer like "The answer is (B)." or "B", or None."""
+    match = re.search(r"answer is \(?([A-Z])\)?", text) or re.match(r"\s*\(?([A-Z])\)?(?:[.)\s]|$)", text)
+    return match.group(1) if match else None

@@ -1,0 +1,191 @@
+"""Adapter files: one `.safetensors` file with only what the methods added or unfroze.
+
+The file's metadata holds the method configs (JSON), the package version and a fingerprint of the base model, so
+that `load_adapter` can rebuild the methods on a fresh base and refuse a base the adapter was not trained on.
+No pickle anywhere: tensors are safetensors, everything else is JSON.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from peft_vlm.version import __version__
+from peft_vlm.errors import AdapterFileError, AdapterMismatchError
+from peft_vlm.methods.apply import apply
+from peft_vlm.methods.registry import get_method
+from peft_vlm.runtime.lm_layers import is_vision_language_model, language_model_of
+from peft_vlm.runtime.tracking import named_tracked_parameters, state_of
+
+FORMAT = "peft_vlm.adapter/1"
+ADAPTER_FILE_NAME = "adapter.safetensors"
+CONFIG_KEYS = (
+    "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "intermediate_size", "vocab_size", "head_dim",
+)
+SAMPLES_PER_TENSOR = 4096
+
+
+def _adapter_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path if path.suffix == ".safetensors" else path / ADAPTER_FILE_NAME
+
+
+def _weights_digest(tensors: list[tuple[str, torch.Tensor]]) -> str | None:
+    """A digest of evenly spaced values of each tensor: cheap for 7B models, different for different weights."""
+    digest = hashlib.sha256()
+    for name, tensor in tensors:
+        if tensor.is_meta:
+            return None
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // SAMPLES_PER_TENSOR)
+        digest.update(name.encode())
+        digest.update(flat[::step].to("cpu", torch.float32).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def fingerprint(model: nn.Module) -> dict[str, Any]:
+    """What identifies the base: the language model's shape, the vision tower, and a digest of frozen weights that
+    no method wraps or quantizes (token embeddings, output head, vision tower), so a 4-bit and a full-precision copy
+    of one model match."""
+    language_model = language_model_of(model)
+    config = language_model.config
+    result: dict[str, Any] = {key: getattr(config, key) for key in CONFIG_KEYS if getattr(config, key, None) is not None}
+    tracked = {id(p) for p, _, _ in named_tracked_parameters(model).values()}
+    tensors = [("embed_tokens", language_model.get_input_embeddings().weight)]
+    output = language_model.get_output_embeddings()
+    if output is not None and output.weight is not tensors[0][1]:
+        tensors.append(("lm_head", output.weight))
+    if is_vision_language_model(model):
+        result["vision"] = json.dumps(model.vision_tower.description, sort_keys=True)
+        result["connector"] = model.connector_name
+        tensors += [(n, p) for n, p in sorted(model.vision_tower.named_parameters()) if id(p) not in tracked]
+    result["weights"] = _weights_digest(tensors)
+    return result
+
+
+def _describe_difference(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    differences = []
+    for key in sorted(set(saved) | set(current)):
+        if key == "weights":
+            continue
+        if saved.get(key) != current.get(key):
+            differences.append(f"{key}: adapter has {saved.get(key)!r}, model has {current.get(key)!r}")
+    if not differences and None not in (saved.get("weights"), current.get("weights")) and saved["weights"] != current["weights"]:
+        differences.append("weights: same architecture but different weights (embeddings or vision tower differ)")
+    return differences
+
+
+def adapter_metadata(model: nn.Module) -> dict[str, str]:
+    """The file metadata for `model`'s methods: configs, parameter owners, package version, base fingerprint."""
+    state = state_of(model, create=False)
+    if state is None or not state.applied:
+        raise AdapterFileError("save_adapter: the model has no methods applied (use pv.apply first)")
+    groups = {name: f"{entry.name}/{group}" for name, (_, entry, group) in named_tracked_parameters(model).items()}
+    methods = [{"method": entry.name, "config": entry.method.config_to_dict()} for entry in state.methods()]
+    metadata = {
+        "format": FORMAT,
+        "peft_vlm_version": __version__,
+        "methods": json.dumps(methods),
+        "groups": json.dumps(groups),
+        "base": json.dumps(fingerprint(model)),
+    }
+    if hasattr(model, "base_spec"):  # how to rebuild the base, for `peft-vlm generate ADAPTER`
+        metadata["base_model"] = json.dumps(model.base_spec())
+    return metadata
+
+
+def write_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write an adapter file atomically: a killed writer never leaves a half-written file under the real name."""
+    target = _adapter_path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(target.name + ".tmp")
+    save_file({name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}, str(temporary), metadata=metadata)
+    os.replace(temporary, target)
+    return target
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the trained parameters, the method configs and the base's fingerprint; returns the file written.
+
+    `path` is a folder (the file is `adapter.safetensors` inside) or a `.safetensors` file name.
+    """
+    metadata = adapter_metadata(model)
+    tensors = {name: parameter for name, (parameter, _, _) in named_tracked_parameters(model).items()}
+    return write_adapter(path, tensors, metadata)
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(metadata with JSON fields decoded, tensors) of an adapter file."""
+    target = _adapter_path(path)
+    if not target.is_file():
+        raise AdapterFileError(f"no adapter file at '{target}'")
+    try:
+        with safe_open(str(target), framework="pt") as handle:
+            raw = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # safetensors raises its own error types for corrupt headers
+        raise AdapterFileError(f"'{target}' is not a readable safetensors file: {error}") from None
+    if raw.get("format") != FORMAT:
+        raise AdapterFileError(f"'{target}' is not a peft_vlm adapter file (format {raw.get('format')!r})")
+    metadata = dict(raw)
+    for key in ("methods", "groups", "base", "base_model"):
+        if key in raw:
+            metadata[key] = json.loads(raw[key])
+    return metadata, tensors
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
+    """Apply the file's methods to a fresh base and load its tensors; refuses a base the adapter does not fit."""
+    metadata, tensors = read_adapter(path)
+    configs = [get_method(entry["method"]).config_from_dict(entry["config"]) for entry in metadata["methods"]]
+    apply(model, *configs)
+    differences = _describe_difference(metadata["base"], fingerprint(model))
+    if differences and strict:
+        raise AdapterMismatchError(
+            f"adapter '{_adapter_path(path)}' does not fit this base model: " + "; ".join(differences)
+        )
+    parameters = {name: parameter for name, (parameter, _, _) in named_tracked_parameters(model).items()}
+    missing, unexpected = sorted(set(parameters) - set(tensors)), sorted(set(tensors) - set(parameters))
+    if unexpected or (missing and strict):
+        raise AdapterMismatchError(
+            f"adapter '{_adapter_path(path)}' does not match the model's trainable parameters: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+        )
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            target = parameters[name]
+            if target.shape != tensor.shape:
+                raise AdapterMismatchError(f"'{name}': adapter has shape {tuple(tensor.shape)}, model {tuple(target.shape)}")
+            target.copy_(tensor.to(target.dtype))
+    return model
+
+
+def describe_adapter(path: str | os.PathLike) -> str:
+    """A human-readable account of an adapter file (for `peft-vlm info`)."""
+    metadata, tensors = read_adapter(path)
+    target = _adapter_path(path)
+    counts: dict[str, int] = {}
+    for name, tensor in tensors.items():
+        owner = metadata["groups"].get(name, "?")
+        counts[owner] = counts.get(owner, 0) + tensor.numel()
+    base = metadata["base"]
+    lines = [
+        f"file: {target}",
+        f"size: {target.stat().st_size:,} bytes",
+        f"peft_vlm version: {metadata['peft_vlm_version']}",
+        "base: " + ", ".join(f"{k}={v}" for k, v in base.items() if k != "weights"),
+        "methods:",
+    ]
+    lines += [f"  - {entry['method']}: {json.dumps(entry['config'], sort_keys=True)}" for entry in metadata["methods"]]
+    lines.append("parameters (method/group):")
+    lines += [f"  {owner:<32} {count:>14,}" for owner, count in sorted(counts.items())]
+    lines.append(f"  {'total':<32} {sum(counts.values()):>14,}")
+    return "\n".join(lines)

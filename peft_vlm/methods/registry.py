@@ -1,0 +1,127 @@
+"""Method plugins: the base class and the registry (built-ins and the `peft_vlm.methods` entry points).
+
+A method is a config class plus a `Method` subclass that attaches it to a model and reports, per parameter group,
+the parameters it added or unfroze. This module never imports a method: built-ins are named by import path and
+loaded on first use, exactly like third-party methods found through entry points.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+from torch import nn
+
+from peft_vlm.errors import NotMergeableError, UnknownMethodError
+
+ENTRY_POINT_GROUP = "peft_vlm.methods"
+
+BUILTIN_METHODS = {
+    "lora": "peft_vlm.methods.lora:LoraMethod",
+    "adaption_prompt": "peft_vlm.methods.adaption_prompt:AdaptionPromptMethod",
+    "bias_scale": "peft_vlm.methods.bias_scale:BiasScaleMethod",
+    "early_fusion": "peft_vlm.methods.early_fusion:EarlyFusionMethod",
+    "visual_query_prompt": "peft_vlm.methods.visual_query_prompt:VisualQueryPromptMethod",
+    "visual_expert": "peft_vlm.methods.visual_expert:VisualExpertMethod",
+    "gated_cross_attention": "peft_vlm.methods.gated_cross_attention:GatedCrossAttentionMethod",
+}
+
+
+class Method:
+    """Attach one method to a model. Subclasses set `name` and `config_class` and implement `attach`."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+    #: Methods that cannot share a model with this one (by registry name).
+    incompatible_with: ClassVar[tuple[str, ...]] = ()
+    #: Whether the method may be applied more than once to the same model.
+    repeatable: ClassVar[bool] = False
+    #: Whether the method needs a VisionLanguageModel (image tokens, visual features) rather than a bare LM.
+    needs_vision: ClassVar[bool] = False
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def attach(self, model: nn.Module, language_model: nn.Module) -> dict[str, list[nn.Parameter]]:
+        """Modify the model in place; return {parameter group: parameters added or unfrozen}."""
+        raise NotImplementedError
+
+    def merge(self, model: nn.Module) -> None:
+        raise NotMergeableError(f"method '{self.name}' cannot be merged into the base weights")
+
+    def unmerge(self, model: nn.Module) -> None:
+        raise NotMergeableError(f"method '{self.name}' cannot be merged into the base weights")
+
+    @property
+    def mergeable(self) -> bool:
+        return type(self).merge is not Method.merge
+
+    # Configs travel in adapter files as JSON; dataclass configs need nothing more.
+    def config_to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config)
+
+    @classmethod
+    def config_from_dict(cls, values: dict[str, Any]) -> Any:
+        known = {f.name for f in dataclasses.fields(cls.config_class)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UnknownMethodError(
+                f"method '{cls.name}' has no option(s) {', '.join(unknown)}; known options: {', '.join(sorted(known))}"
+            )
+        return cls.config_class(**values)
+
+
+_registry: dict[str, type[Method]] = {}
+_loaded = False
+
+
+def register(method_class: type[Method]) -> type[Method]:
+    """Register a method class (usable as a decorator)."""
+    _registry[method_class.name] = method_class
+    return method_class
+
+
+def _load_reference(reference: str) -> type[Method]:
+    module_name, _, attribute = reference.partition(":")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def _scan_entry_points() -> None:
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        if entry_point.name not in _registry:
+            _registry[entry_point.name] = entry_point.load()
+
+
+def _ensure_loaded() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for name, reference in BUILTIN_METHODS.items():
+        _registry.setdefault(name, _load_reference(reference))
+    _scan_entry_points()
+
+
+def available_methods() -> dict[str, type[Method]]:
+    """Every known method by name: built-ins, registered classes and installed `peft_vlm.methods` entry points."""
+    _ensure_loaded()
+    _scan_entry_points()  # packages installed since the last look
+    return dict(_registry)
+
+
+def get_method(name: str) -> type[Method]:
+    methods = available_methods()
+    if name not in methods:
+        raise UnknownMethodError(f"unknown method '{name}'; available methods: {', '.join(sorted(methods))}")
+    return methods[name]
+
+
+def method_for_config(config: Any) -> type[Method]:
+    for method_class in available_methods().values():
+        if isinstance(config, method_class.config_class):
+            return method_class
+    raise UnknownMethodError(
+        f"no method accepts a config of type {type(config).__name__}; "
+        f"known config types: {', '.join(sorted(m.config_class.__name__ for m in available_methods().values()))}"
+    )

@@ -1,0 +1,102 @@
+"""Connectors: project the vision tower's patch tokens into the language model's embedding space.
+
+Registered by name; `connector="mlp2x_gelu"` is LLaVA-1.5's projector, `"linear"` LLaVA-1's, `"downsample2x2_mlp"`
+CogVLM2's (a quarter of the visual tokens). Connectors with learned queries (`"perceiver_resampler"`, Flamingo;
+`"qformer"`, BLIP-2) live in `peft_vlm.model.resamplers`, loaded by import path when the registry is first read,
+as built-in methods are, so neither module imports the other at load time.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from peft_vlm.errors import ConfigError
+
+_connectors: dict[str, Callable[[int, int], nn.Module]] = {}
+BUILTIN_CONNECTOR_MODULES = ("peft_vlm.model.resamplers",)
+
+
+def register_connector(name: str):
+    def decorator(factory):
+        _connectors[name] = factory
+        return factory
+
+    return decorator
+
+
+class Connector(nn.Module):
+    """Maps (images, tokens_in, vision_width) to (images, tokens_out, lm_hidden)."""
+
+    def num_output_tokens(self, num_input_tokens: int) -> int:
+        return num_input_tokens
+
+
+@register_connector("linear")
+class LinearConnector(Connector):
+    def __init__(self, vision_width: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Linear(vision_width, hidden_size)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.proj(patches)
+
+
+@register_connector("mlp2x_gelu")
+class MlpConnector(Connector):
+    def __init__(self, vision_width: int, hidden_size: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(vision_width, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.mlp(patches)
+
+
+@register_connector("downsample2x2_mlp")
+class Downsample2x2MlpConnector(Connector):
+    """CogVLM2's connector (arXiv 2408.16500): each 2x2 block of neighbouring patch tokens becomes one token before
+    a two-layer GELU MLP, so an image costs a quarter of the visual tokens. Concatenating the block and projecting
+    it is CogVLM2's stride-2, 2x2 convolution written as the first linear layer."""
+
+    def __init__(self, vision_width: int, hidden_size: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(4 * vision_width, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
+
+    @staticmethod
+    def grid_side(num_patches: int) -> int:
+        side = math.isqrt(num_patches)
+        if side * side != num_patches or side % 2:
+            raise ConfigError(
+                f"connector 'downsample2x2_mlp' merges 2x2 blocks of a square patch grid with an even side; "
+                f"the vision tower gives {num_patches} patch tokens"
+            )
+        return side
+
+    def num_output_tokens(self, num_input_tokens: int) -> int:
+        return (self.grid_side(num_input_tokens) // 2) ** 2
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        images, num_patches, width = patches.shape
+        half = self.grid_side(num_patches) // 2
+        # (images, rows, cols, width) in row-major patch order -> one row per 2x2 block: its 4 tokens side by side
+        blocks = patches.reshape(images, half, 2, half, 2, width).permute(0, 1, 3, 2, 4, 5)
+        return self.mlp(blocks.reshape(images, half * half, 4 * width))
+
+
+def _load_builtin_modules() -> None:
+    for module in BUILTIN_CONNECTOR_MODULES:
+        importlib.import_module(module)  # registers its connectors; a no-op after the first time
+
+
+def available_connectors() -> list[str]:
+    _load_builtin_modules()
+    return sorted(_connectors)
+
+
+def build_connector(name: str, vision_width: int, hidden_size: int) -> Connector:
+    if name not in available_connectors():
+        raise ConfigError(f"unknown connector '{name}'; available connectors: {', '.join(available_connectors())}")
+    return _connectors[name](vision_width, hidden_size)

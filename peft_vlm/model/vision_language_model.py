@@ -1,0 +1,344 @@
+"""`VisionLanguageModel`: a frozen vision tower, a trainable connector and a frozen LLaMA-class causal LM.
+
+Images become runs of visual tokens spliced into the prompt's embeddings at image placeholders (LLaVA's design).
+The model records, per position, whether a token is an image token; methods that route image tokens differently
+(early fusion, visual expert) read that through `peft_vlm.runtime.token_context`.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+
+from peft_vlm.runtime import token_context
+from peft_vlm.model.connectors import build_connector
+from peft_vlm.errors import ConfigError, ModelLoadError
+from peft_vlm.data.prompting import (
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    IMAGE_TOKEN_ID,
+    format_chat,
+    pad_left,
+    tokenize_with_images,
+    with_placeholders,
+)
+from peft_vlm.runtime.tracking import AppliedMethod, refresh_trainable, state_of
+from peft_vlm.model.vision_towers import VisionTower, build_vision_tower
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def load_language_model(path: str, load_in_4bit: bool = False, dtype: Any = None, **kwargs) -> PreTrainedModel:
+    """A causal LM from a local folder or hub id; `load_in_4bit` quantizes it to NF4 with double quantisation."""
+    if load_in_4bit:
+        compute_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+        kwargs.setdefault("device_map", {"": 0} if torch.cuda.is_available() else "cpu")
+        dtype = dtype or compute_dtype
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", **kwargs)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"could not load a causal language model from '{path}': {error}") from None
+    if load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(
+        self,
+        language_model: PreTrainedModel,
+        tokenizer,
+        vision_tower: VisionTower,
+        connector: str = "mlp2x_gelu",
+        train_connector: bool = True,
+        use_chat_template: bool = True,
+        image_boundaries: tuple[str, str] | None = None,
+        train_vision_tower: bool = False,
+    ):
+        """`image_boundaries` (open, close) wraps each image's visual tokens in those strings as text (KOSMOS-1);
+        `train_vision_tower` unfreezes the tower as a built-in part, group "vision" (off, as Prismatic advises)."""
+        super().__init__()
+        model_type = getattr(language_model.config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            warnings.warn(f"language model type '{model_type}' is untested; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        self.language_model = language_model
+        self.vision_tower = vision_tower
+        self.tokenizer = tokenizer
+        self.use_chat_template = use_chat_template
+        self.image_boundaries = tuple(image_boundaries) if image_boundaries else None
+        # LLaVA's layout by default: visual tokens are spliced into the sequence. Methods with their own path for the
+        # images (early fusion) turn this off; the images then still reach them through the routing extras.
+        self.images_in_sequence = True
+        self.connector_name = connector
+        hidden_size = language_model.get_input_embeddings().embedding_dim
+        self.connector = build_connector(connector, vision_tower.width, hidden_size)
+        self.connector.to(self._lm_device())
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        state = state_of(self)
+        if train_connector:
+            state.add(AppliedMethod("connector", {"connector": connector}, None, {"vision": list(self.connector.parameters())}))
+        if train_vision_tower:
+            state.add(AppliedMethod("vision_tower", {}, None, {"vision": list(vision_tower.parameters())}))
+        token_context.install(self, language_model)
+        refresh_trainable(self)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        language_model: str | None = None,
+        *,
+        llm: PreTrainedModel | None = None,
+        tokenizer=None,
+        vision: str | nn.Module = "ViT-L-14",
+        vision_pretrained: str | None = None,
+        vision_options: dict | None = None,
+        connector: str = "mlp2x_gelu",
+        load_in_4bit: bool = False,
+        dtype: Any = None,
+        image_boundaries: tuple[str, str] | None = None,
+        train_vision_tower: bool = False,
+        use_chat_template: bool = True,
+        **kwargs,
+    ) -> "VisionLanguageModel":
+        """Build from a language model (local folder, hub id, or `llm=` instance with `tokenizer=`) and a vision tower
+        (an open_clip model name with optional `vision_pretrained` tag, or any module giving patch tokens)."""
+        if (language_model is None) == (llm is None):
+            raise ConfigError("pass exactly one of a language model path/hub id or llm=<PreTrainedModel>")
+        if llm is None:
+            llm = load_language_model(language_model, load_in_4bit=load_in_4bit, dtype=dtype, **kwargs)
+            if tokenizer is None:
+                try:
+                    tokenizer = AutoTokenizer.from_pretrained(language_model)
+                except (OSError, ValueError) as error:
+                    raise ModelLoadError(f"could not load a tokenizer from '{language_model}': {error}") from None
+        elif load_in_4bit:
+            raise ConfigError("load_in_4bit=True needs a path to load from, not an llm= instance")
+        if tokenizer is None:
+            raise ConfigError("llm=<PreTrainedModel> needs tokenizer= too")
+        tower = build_vision_tower(vision, pretrained=vision_pretrained, **(vision_options or {}))
+        tower.to(next(llm.parameters()).device)
+        return cls(llm, tokenizer, tower, connector=connector, image_boundaries=image_boundaries,
+                   train_vision_tower=train_vision_tower, use_chat_template=use_chat_template)
+
+    def base_spec(self) -> dict[str, Any]:
+        """How to rebuild this base (the `model` section of a recipe); stored in adapter files for `peft-vlm generate`."""
+        from peft_vlm.embedded.models import describe_language_model, describe_vision
+
+        tower = self.vision_tower
+        vision, vision_pretrained = describe_vision(tower.description.get("open_clip"), getattr(tower, "pretrained", None))
+        spec = {
+            "language_model": describe_language_model(getattr(self.language_model, "name_or_path", None)),
+            "vision": vision,
+            "vision_pretrained": vision_pretrained,
+            "connector": self.connector_name,
+            "load_in_4bit": bool(getattr(self.language_model, "is_loaded_in_4bit", False)),
+        }
+        # options off by default are written only when on: older specs stay the same
+        if getattr(tower, "rebuild_options", None):
+            spec["vision_options"] = dict(tower.rebuild_options)
+        if self.image_boundaries:
+            spec["image_boundaries"] = list(self.image_boundaries)
+        if "vision_tower" in state_of(self).names():
+            spec["train_vision_tower"] = True
+        if not self.use_chat_template:
+            spec["use_chat_template"] = False
+        return spec
+
+    # -- structure -------------------------------------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.language_model.config
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Sequence positions one image takes: its visual tokens, or none when a method feeds the images to the
+        language model another way (`images_in_sequence = False`, e.g. LLaMA-Adapter V2's early fusion)."""
+        return self.connector.num_output_tokens(self.vision_tower.num_tokens) if self.images_in_sequence else 0
+
+    def _lm_device(self) -> torch.device:
+        return self.language_model.get_input_embeddings().weight.device
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vision_tower.train(mode and any(p.requires_grad for p in self.vision_tower.parameters()))
+        return self
+
+    # -- images ----------------------------------------------------------------------------------------------------
+    def pixel_values(self, images: Sequence[Any]) -> torch.Tensor:
+        """Stack images (PIL images, HWC uint8 arrays, or preprocessed CHW tensors) into one batch."""
+        from PIL import Image
+
+        tensors = []
+        for index, image in enumerate(images):
+            if isinstance(image, np.ndarray):
+                image = Image.fromarray(image)
+            if isinstance(image, Image.Image):
+                if self.vision_tower.preprocess is None:
+                    raise ConfigError("this vision tower has no preprocessing; pass images as (3, H, W) tensors")
+                image = self.vision_tower.preprocess(image.convert("RGB"))
+            if not isinstance(image, torch.Tensor) or image.dim() != 3:
+                raise ConfigError(f"image #{index}: expected a PIL image, an HWC array or a (3, H, W) tensor")
+            tensors.append(image)
+        return torch.stack(tensors)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(images, 3, H, W) -> (images, tokens_per_image, hidden) visual tokens in the LM's embedding space."""
+        return self._encode(pixel_values)[1]
+
+    def _encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(patch tokens from the tower, visual tokens from the connector)."""
+        tower_parameter = next(self.vision_tower.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and tower_parameter.requires_grad):
+            patches = self.vision_tower(pixel_values.to(tower_parameter.device, tower_parameter.dtype))
+        return patches, self.connector(patches.to(next(self.connector.parameters()).dtype))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, image_rows=None) -> torch.Tensor:
+        """Token embeddings with the visual tokens spliced in at the IMAGE_TOKEN_ID positions."""
+        return self._embed(input_ids, pixel_values, image_rows)[0]
+
+    def _embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_rows=None) -> tuple[torch.Tensor, dict]:
+        """(embeddings, routing extras): the extras give methods the images' patch and visual tokens and the batch
+        row of each image (`image_rows`, needed when the images take no positions in the sequence)."""
+        image_positions = input_ids == IMAGE_TOKEN_ID
+        embeddings = self.language_model.get_input_embeddings()(input_ids.masked_fill(image_positions, 0))
+        num_slots = int(image_positions.sum())
+        if pixel_values is None or len(pixel_values) == 0:
+            if num_slots:
+                raise ConfigError(f"the input has {num_slots} image token slots but no pixel_values were given")
+            return embeddings, {}
+        patches, visual = self._encode(pixel_values)
+        if not num_slots and not self.images_in_sequence:
+            if image_rows is None or len(image_rows) != len(visual):
+                raise ConfigError("images outside the sequence need image_rows: the batch row of each image")
+            extras = {"patch_tokens": patches, "visual_tokens": visual, "image_owner": image_rows.to(visual.device)}
+            return embeddings, extras
+        if visual.shape[0] * visual.shape[1] != num_slots:
+            raise ConfigError(
+                f"{visual.shape[0]} image(s) give {visual.shape[0] * visual.shape[1]} visual tokens "
+                f"but the input has {num_slots} image token slots"
+            )
+        # Images are spliced in reading order, so image i belongs to the row holding its first slot.
+        slot_rows = image_positions.nonzero()[:, 0]
+        image_owner = slot_rows[:: visual.shape[1]]
+        extras = {"patch_tokens": patches, "visual_tokens": visual, "image_owner": image_owner}
+        flat = visual.to(embeddings.dtype).reshape(-1, embeddings.shape[-1])
+        return embeddings.masked_scatter(image_positions.unsqueeze(-1), flat), extras
+
+    # -- text ------------------------------------------------------------------------------------------------------
+    def tokenize(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[Any] | None = None,
+        answers: Sequence[str] | None = None,
+        chat: bool | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Batch inputs for `forward`/`generate`. `images[i]` is None, one image or a list of images for prompt i;
+        prompts without a placeholder get theirs in front. With `answers`, labels cover the answers only."""
+        chat = self.use_chat_template if chat is None else chat
+        per_prompt = [self._as_list(images[i] if images is not None else None) for i in range(len(prompts))]
+        sequences, label_rows, flat_images = [], [], []
+        for index, (prompt, own_images) in enumerate(zip(prompts, per_prompt)):
+            prompt = with_placeholders(prompt, len(own_images))
+            if prompt.count(IMAGE_PLACEHOLDER) != len(own_images):
+                raise ConfigError(
+                    f"prompt #{index} has {prompt.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) "
+                    f"but {len(own_images)} image(s)"
+                )
+            text = format_chat(self.tokenizer, prompt, chat)
+            ids = tokenize_with_images(self.tokenizer, text, self.tokens_per_image, boundaries=self.image_boundaries)
+            labels = [IGNORE_INDEX] * len(ids)
+            if answers is not None:
+                answer_ids = self.tokenizer(answers[index], add_special_tokens=False)["input_ids"]
+                answer_ids.append(self.tokenizer.eos_token_id)
+                ids, labels = ids + answer_ids, labels + answer_ids
+            sequences.append(ids)
+            label_rows.append(labels)
+            flat_images.extend(own_images)
+        input_ids, attention_mask = pad_left(sequences, self.tokenizer.pad_token_id)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if answers is not None:
+            batch["labels"], _ = pad_left(label_rows, IGNORE_INDEX)
+        if flat_images:
+            batch["pixel_values"] = self.pixel_values(flat_images)
+            batch["image_rows"] = torch.tensor([row for row, own in enumerate(per_prompt) for _ in own], dtype=torch.long)
+        return batch
+
+    @staticmethod
+    def _as_list(images: Any) -> list:
+        if images is None:
+            return []
+        return list(images) if isinstance(images, (list, tuple)) else [images]
+
+    # -- running ---------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        image_rows: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """Causal-LM forward over text with spliced visual tokens; with `labels`, the output carries the loss."""
+        device = self._lm_device()
+        input_ids = input_ids.to(device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(device)
+        embeddings, extras = self._embed(input_ids, pixel_values, image_rows)
+        token_types = (input_ids == IMAGE_TOKEN_ID).long()
+        # Left padding: positions count real tokens only, as during generation.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with token_context.token_types(self, token_types, **extras):
+            return self.language_model(
+                inputs_embeds=embeddings,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                labels=None if labels is None else labels.to(device),
+                **kwargs,
+            )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: Sequence[Any] | None = None,
+        prompts: Sequence[str] | str | None = None,
+        max_new_tokens: int = 32,
+        chat: bool | None = None,
+        **generation_options,
+    ) -> list[str]:
+        """Answer each prompt about its image(s) with the language model's `generate` (KV cache on)."""
+        if prompts is None:
+            raise ConfigError("generate() needs prompts=")
+        if isinstance(prompts, str):
+            prompts, images = [prompts], None if images is None else [images]
+        batch = self.tokenize(prompts, images, chat=chat)
+        output_ids = self.generate_ids(**batch, max_new_tokens=max_new_tokens, **generation_options)
+        return self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)
+
+    @torch.no_grad()
+    def generate_ids(self, input_ids, attention_mask=None, pixel_values=None, image_rows=None, **generation_options):
+        """New token ids for a batch from `tokenize` (greedy unless sampling options are given)."""
+        device = self._lm_device()
+        input_ids = input_ids.to(device)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+        embeddings, extras = self._embed(input_ids, pixel_values, image_rows)
+        generation_options.setdefault("do_sample", False)
+        generation_options.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        with token_context.token_types(self, (input_ids == IMAGE_TOKEN_ID).long(), **extras):
+            return self.language_model.generate(
+                inputs_embeds=embeddings, attention_mask=attention_mask, **generation_options
+            )

@@ -1,0 +1,101 @@
+"""The VisionLanguageModel: splicing visual tokens, token types, loss, cached generation, frozen parts."""
+import pytest
+import torch
+
+import peft_vlm as pv
+from peft_vlm.data.prompting import IGNORE_INDEX, IMAGE_TOKEN_ID
+from peft_vlm.runtime.tracking import state_of
+from conftest import assert_cached_generation_matches_full_decoding
+
+
+def test_spliced_visual_tokens_match_what_tower_and_connector_produce(vlm_factory, images):
+    model = vlm_factory()
+    batch = model.tokenize(["What is in the picture?"], [images[0]])
+    with torch.no_grad():
+        patches = model.vision_tower(batch["pixel_values"])
+        visual = model.encode_images(batch["pixel_values"])
+    assert patches.shape[1] == model.vision_tower.num_tokens == 16  # 32x32 image, patch 8
+    assert int((batch["input_ids"] == IMAGE_TOKEN_ID).sum()) == visual.shape[1] == model.tokens_per_image
+    embeddings = model.embed(batch["input_ids"], batch["pixel_values"])
+    assert torch.equal(embeddings[batch["input_ids"] == IMAGE_TOKEN_ID], visual[0].to(embeddings.dtype))
+
+
+def test_token_types_mark_image_positions_during_forward(vlm_factory, images):
+    model = vlm_factory()
+    context = state_of(model).context
+    seen = []
+    model.language_model.model.layers[0].register_forward_pre_hook(lambda module, args: seen.append(context.token_types))
+    batch = model.tokenize(["<image> left and <image> right"], [[images[0], images[1]]])
+    model(**batch)
+    expected = (batch["input_ids"] == IMAGE_TOKEN_ID).long()
+    assert torch.equal(seen[0], expected)
+    assert int(seen[0].sum()) == 2 * model.tokens_per_image
+
+
+def test_forward_with_labels_returns_loss_on_answers_only(vlm_factory, images):
+    model = vlm_factory()
+    batch = model.tokenize(["What colour?", "What shape?"], [images[0], images[1]], answers=["red", "a blue square"])
+    labelled = batch["labels"] != IGNORE_INDEX
+    assert not labelled[batch["input_ids"] == IMAGE_TOKEN_ID].any()
+    assert labelled.sum(1).tolist() == [len(model.tokenizer(a, add_special_tokens=False).input_ids) + 1 for a in ["red", "a blue square"]]
+    output = model(**batch)
+    assert output.loss is not None and torch.isfinite(output.loss)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_generate_with_cache_equals_greedy_decoding_without_cache(vlm_factory, images, model_type):
+    model = vlm_factory(model_type)
+    batch = model.tokenize(["What is in the picture?"], [images[0]])
+    assert_cached_generation_matches_full_decoding(model, batch, steps=8)
+
+
+def test_batched_left_padded_generation_equals_one_by_one(vlm_factory, images):
+    model = vlm_factory()
+    prompts = ["What is in the picture?", "Colour?"]
+    together = model.generate(images=images[:2], prompts=prompts, max_new_tokens=5)
+    alone = [model.generate(images=[image], prompts=[prompt], max_new_tokens=5)[0] for image, prompt in zip(images, prompts)]
+    assert together == alone
+
+
+def test_vision_tower_and_language_model_are_frozen_connector_trains(vlm_factory):
+    model = vlm_factory()
+    assert not any(p.requires_grad for p in model.language_model.parameters())
+    assert not any(p.requires_grad for p in model.vision_tower.parameters())
+    assert all(p.requires_grad for p in model.connector.parameters())
+
+
+@pytest.mark.parametrize("connector", ["linear", "mlp2x_gelu"])
+def test_connectors_project_to_the_language_model_width(vlm_factory, images, connector):
+    model = vlm_factory(connector=connector)
+    visual = model.encode_images(torch.stack(images))
+    assert visual.shape == (3, model.tokens_per_image, model.config.hidden_size)
+
+
+def test_placeholder_and_image_count_mismatch_is_a_clear_error(vlm_factory, images):
+    model = vlm_factory()
+    with pytest.raises(pv.ConfigError, match="prompt #0 has 2 <image> placeholder"):
+        model.tokenize(["<image> and <image>"], [images[0]])
+
+
+def test_unknown_connector_is_refused_by_name(vlm_factory):
+    with pytest.raises(pv.ConfigError, match="unknown connector 'mlp9'.*mlp2x_gelu"):
+        vlm_factory(connector="mlp9")
+
+
+def test_any_module_giving_patch_tokens_can_be_the_vision_tower(lm_factory, tokenizer, images):
+    class Patches(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 24, kernel_size=16, stride=16)
+
+        def forward(self, pixels):
+            return self.conv(pixels).flatten(2).transpose(1, 2)
+
+    model = pv.VisionLanguageModel.from_pretrained(llm=lm_factory(), tokenizer=tokenizer, vision=Patches(), vision_options={"image_size": 32})
+    assert model.tokens_per_image == 4
+    assert model.generate(images=[images[0]], prompts=["Hi"], max_new_tokens=2)
+
+
+def test_missing_language_model_path_names_the_path(tmp_path):
+    with pytest.raises(pv.ModelLoadError, match="no-such-model"):
+        pv.VisionLanguageModel.from_pretrained(str(tmp_path / "no-such-model"), vision="ViT-B-32")
