@@ -10,8 +10,11 @@
     full:     overrides applied by `peft-vlm train RECIPE --full` (e.g. `train.max_steps: 1000`)
     stages:   optional list of {name, methods, data, train} run in order on the same model (LLaVA's two stages);
               each stage adds its methods and overrides data/train
-    eval:     {format, split/path, limit, grey_image, zero_shot, text_only_ceiling, verify_reload} evaluated after
-              training (verify_reload: load the saved adapter onto a freshly built base and answer again)
+    eval:     {format, split/path, limit, grey_image, zero_shot, text_only_ceiling, verify_reload, batch_size, curve}
+              evaluated after training (verify_reload: load the saved adapter onto a freshly built base and answer
+              the first N questions again, or all with `true`; curve: {every, per_type}: accuracy against steps,
+              real and grey image, on `per_type` questions of each type every `every` steps, drawn as
+              accuracy_curve.png). With train.mixed_precision bf16, evaluation runs under the same bf16 autocast.
 
 Any value can be overridden from the command line: `--set train.max_steps=5 --set data.train.path=x.json`.
 "data formats": llava, caption, coco, alpaca (files), easy_vqa and easy_vqa_captions (the embedded demo data).
@@ -119,7 +122,7 @@ def build_model(spec: dict):
             )
         vision = [register_default_vision() if tower == EMBEDDED else tower for tower in vision]
     known = {"vision_pretrained", "connector", "load_in_4bit", "vision_options", "dtype", "train_vision_tower",
-             "image_boundaries", "use_chat_template"}
+             "image_boundaries", "use_chat_template", "attn_implementation"}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise ConfigError(f"model section: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -201,8 +204,37 @@ def evaluation_questions(spec: dict) -> list:
     return [Question.from_sample(sample, kind_of) for sample in samples]
 
 
+def evaluation_precision(mixed_precision: str | None):
+    """A context factory for evaluation: the bf16 autocast training ran under on the CPU, else full precision."""
+    import contextlib
+
+    import torch
+
+    if mixed_precision == "bf16" and not torch.cuda.is_available():
+        return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def accuracy_curve(eval_spec: dict, questions: list, output_dir: str, precision) -> list:
+    """The trainer callbacks of `eval.curve: {every, per_type}` (none without it)."""
+    curve = eval_spec.get("curve")
+    if not curve or not questions:
+        return []
+    from peft_vlm.evaluation.curve import AccuracyCurve, evenly_by_type
+
+    sample = evenly_by_type(questions, int(curve.get("per_type", 40)))
+    tracker = AccuracyCurve(sample, int(curve["every"]), output_dir, batch_size=int(eval_spec.get("batch_size", 16)))
+
+    def evaluate(trainer, step):
+        with precision():
+            tracker(trainer, step)
+
+    return [evaluate]
+
+
 def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
     """Build the model, train every stage, save the adapter, evaluate; returns the figures it printed."""
+    import functools
     import time
 
     from accelerate.utils import set_seed
@@ -219,10 +251,13 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
     # recipe gives the same run whatever ran before it in the process (a tower pretrained on first use, say).
     set_seed(int((recipe.get("train") or {}).get("seed", TrainConfig.seed)))
     model = build_model(recipe.get("model") or {})
-    eval_spec = recipe.get("eval")
+    eval_spec = recipe.get("eval") or {}
     questions = evaluation_questions(eval_spec) if eval_spec else []
+    precision = evaluation_precision((recipe.get("train") or {}).get("mixed_precision"))
+    answer = functools.partial(vqa.vqa_accuracy, batch_size=int(eval_spec.get("batch_size", 16)))
     if questions and eval_spec.get("zero_shot"):
-        figures["zero_shot"] = vqa.vqa_accuracy(model, questions, progress=True)
+        with precision():
+            figures["zero_shot"] = answer(model, questions, progress=True)
         log(f"zero-shot (untouched model): {figures['zero_shot']}")
     all_stages = stages(recipe)
     output_root = Path((recipe.get("train") or {}).get("output_dir", f"out/{recipe['name']}"))
@@ -243,6 +278,7 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
         trainer = JointTrainer(
             model, config,
             data=datasets.get("train"), caption_data=datasets.get("captions"), instruction_data=datasets.get("instructions"),
+            callbacks=accuracy_curve(eval_spec, questions, config.output_dir, precision),
         )
         result = trainer.train()
         for dataset in datasets.values():
@@ -255,21 +291,25 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
     figures["trainable_parameters"] = trainable_summary(model).trainable_parameters
     figures["train_seconds"] = result.seconds
     if questions:
-        figures["accuracy"] = vqa.vqa_accuracy(model, questions, progress=True)
-        if eval_spec.get("grey_image"):
-            figures["grey_image"] = vqa.vqa_accuracy(model, questions, replace_image=vqa.grey_image(model))
+        with precision():
+            figures["accuracy"] = answer(model, questions, progress=True)
+            if eval_spec.get("grey_image"):
+                figures["grey_image"] = answer(model, questions, replace_image=vqa.grey_image(model))
         if eval_spec.get("format") == "easy_vqa" and eval_spec.get("text_only_ceiling"):
             from peft_vlm.data import easy_vqa
 
             figures["text_only_ceiling"] = easy_vqa.text_only_ceiling()
         if eval_spec.get("verify_reload"):
-            # the shared file must be the whole story: a fresh base plus the adapter answers exactly the same
+            # the shared file must be the whole story: a fresh base plus the adapter answers exactly the same (on
+            # the first `verify_reload` questions, or all of them with `true`)
             from peft_vlm.methods.adapter_file import load_adapter
 
+            count = len(questions) if eval_spec["verify_reload"] is True else int(eval_spec["verify_reload"])
             reloaded = load_adapter(build_model(recipe.get("model") or {}), result.adapter_path)
-            figures["reloaded"] = vqa.vqa_accuracy(reloaded, questions)
-            answers = [answer for _, _, answer in figures["accuracy"].examples]
-            figures["reload_identical"] = answers == [answer for _, _, answer in figures["reloaded"].examples]
+            with precision():
+                figures["reloaded"] = answer(reloaded, questions[:count])
+            answers = [given for _, _, given in figures["accuracy"].examples[:count]]
+            figures["reload_identical"] = answers == [given for _, _, given in figures["reloaded"].examples]
     figures["wall_seconds"] = time.time() - start
     return figures
 

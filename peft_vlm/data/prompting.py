@@ -110,3 +110,12 @@ def _template_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]
         segments += [(prompt[len(rendered):], False), (answer, True)]
         rendered = prompt + answer
     return segments
+
+
+def supervised_span(labels: "torch.Tensor") -> tuple["torch.Tensor", int]:
+    """(labels cropped, the number of last positions whose logits the loss needs): from the position before the
+    first supervised token of any row to the end. transformers' causal-LM loss shifts the cropped labels itself."""
+    supervised = (labels != IGNORE_INDEX).any(dim=0)
+    first = int(supervised.float().argmax()) if bool(supervised.any()) else labels.shape[1] - 1
+    start = max(first - 1, 0)
+    return labels[:, start:], labels.shape[1] - start

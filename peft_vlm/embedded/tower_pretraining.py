@@ -5,8 +5,8 @@ barely shapes, and a frozen language model does not learn to read them in a few 
 open_clip model (image and text tower) learns to match each training image with its caption ("A red circle.") with
 CLIP's contrastive loss, in a few minutes on a CPU. Captions repeat (8 colours x 3 shapes), so an image's
 positives are all images and captions of the batch with the same caption (CLIP's loss would count those as
-negatives). The whole open_clip model is saved under `cache_root()`, keyed by a hash of the recipe, so every later
-run loads it in a second: `VisionLanguageModel.from_pretrained(..., vision=name, vision_pretrained=path)`.
+negatives). The whole open_clip model is saved (safetensors) under `cache_root()`, keyed by a hash of the recipe, so every
+later run loads it in a second: `VisionLanguageModel.from_pretrained(..., vision=name, vision_pretrained=path)`.
 
     path = pretrained_tower()          # trains on first use (minutes), then reads the cache
     model = pv.VisionLanguageModel.from_pretrained(lm, vision=PRETRAINED_VISION, vision_pretrained=path)
@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from peft_vlm.embedded.models import TOWER_CACHE, cache_root, register_open_clip_config
 
@@ -123,7 +124,7 @@ def pretrained_tower(recipe: TowerRecipe | None = None, **options) -> str:
     pass it as `vision_pretrained=` with `vision=recipe.model`."""
     recipe = recipe or TowerRecipe(**options)
     register_pretrained_vision()
-    path = cache_root() / TOWER_CACHE / f"{recipe.model}-easyvqa-{recipe.key()}.pt"
+    path = cache_root() / TOWER_CACHE / f"{recipe.model}-easyvqa-{recipe.key()}.safetensors"
     if path.is_file():
         return str(path)
     print(f"vision tower: first use, pretraining {recipe.model} contrastively on easy-vqa ({recipe.steps} steps); "
@@ -132,6 +133,6 @@ def pretrained_tower(recipe: TowerRecipe | None = None, **options) -> str:
         model, _, _ = train_tower(recipe)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    torch.save(model.state_dict(), partial)
+    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(partial))
     os.replace(partial, path)  # atomic: a concurrent first use writes the same weights
     return str(path)

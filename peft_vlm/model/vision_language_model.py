@@ -23,6 +23,7 @@ from peft_vlm.data.prompting import (
     IMAGE_TOKEN_ID,
     format_chat,
     pad_left,
+    supervised_span,
     tokenize_with_images,
     with_placeholders,
 )
@@ -292,7 +293,11 @@ class VisionLanguageModel(nn.Module):
         image_rows: torch.Tensor | None = None,
         **kwargs,
     ):
-        """Causal-LM forward over text with spliced visual tokens; with `labels`, the output carries the loss."""
+        """Causal-LM forward over text with spliced visual tokens; with `labels`, the output carries the loss.
+
+        With `labels`, the LM head runs only from the position before the first supervised token to the end (the
+        logits then cover that span): in a left-padded batch of short answers almost no position has a label, and
+        the head is a fifth of a small model's FLOPs. The loss is the same; `logits_to_keep=0` keeps every logit."""
         device = self._lm_device()
         input_ids = input_ids.to(device)
         if attention_mask is None:
@@ -302,12 +307,16 @@ class VisionLanguageModel(nn.Module):
         token_types = (input_ids == IMAGE_TOKEN_ID).long()
         # Left padding: positions count real tokens only, as during generation.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        if labels is not None:
+            labels = labels.to(device)
+            if "logits_to_keep" not in kwargs:
+                labels, kwargs["logits_to_keep"] = supervised_span(labels)
         with token_context.token_types(self, token_types, **extras):
             return self.language_model(
                 inputs_embeds=embeddings,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                labels=None if labels is None else labels.to(device),
+                labels=labels,
                 **kwargs,
             )
 

@@ -36,9 +36,14 @@ class VisionTower(nn.Module):
 
 class OpenClipVisionTower(VisionTower):
     def __init__(
-        self, name: str, pretrained: str | None = None, feature_layer: int = -2, resize_mode: str | None = None, seed: int = 0
+        self, name: str, pretrained: str | None = None, feature_layer: int = -2, resize_mode: str | None = None,
+        seed: int = 0, tokens: str = "patches",
     ):
+        """`tokens`: "patches" (the patch tokens of block `feature_layer`) or "pooled" (one token: the image embedding
+        that CLIP's contrastive loss aligns with the caption's, i.e. the pooled, projected output)."""
         super().__init__()
+        if tokens not in ("patches", "pooled"):
+            raise ModelLoadError(f"vision tower '{name}': tokens={tokens!r}; use 'patches' or 'pooled'")
         import open_clip  # imported here: it pulls in torchvision and timm
 
         try:
@@ -59,22 +64,31 @@ class OpenClipVisionTower(VisionTower):
         if not -blocks <= feature_layer < blocks:
             raise ModelLoadError(f"feature_layer={feature_layer} is out of range for '{name}' ({blocks} blocks)")
         self.feature_layer = feature_layer % blocks
-        self.width = self.visual.transformer.width
+        self.tokens = tokens
         self.image_size = tuple(self.visual.image_size)
-        self.grid_size = tuple(self.visual.grid_size)
-        self.num_tokens = self.grid_size[0] * self.grid_size[1]
+        if tokens == "pooled":
+            self.width, self.num_tokens, self.grid_size = self.visual.output_dim, 1, (1, 1)
+        else:
+            self.width = self.visual.transformer.width
+            self.grid_size = tuple(self.visual.grid_size)
+            self.num_tokens = self.grid_size[0] * self.grid_size[1]
         self.preprocess = preprocess
         self.preprocess_cfg = dict(getattr(self.visual, "preprocess_cfg", None) or {})
         self.pretrained = pretrained
-        self.rebuild_options = {"feature_layer": feature_layer} if feature_layer != -2 else {}  # for base_spec()
+        given, defaults = {"feature_layer": feature_layer, "tokens": tokens}, {"feature_layer": -2, "tokens": "patches"}
+        self.rebuild_options = {key: value for key, value in given.items() if value != defaults[key]}  # for base_spec()
         # a weights file is named by its file name only: the path differs between machines, the digest of the
         # weights in adapter fingerprints tells files apart
         portable = os.path.basename(pretrained) if pretrained and os.path.isfile(pretrained) else pretrained
         self.description = {"open_clip": name, "pretrained": portable, "feature_layer": self.feature_layer}
+        if tokens != "patches":
+            self.description["tokens"] = tokens
         if pretrained is None:
             self.description["seed"] = seed
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.tokens == "pooled":
+            return self.visual(pixel_values).unsqueeze(1)
         out = self.visual.forward_intermediates(
             pixel_values, indices=[self.feature_layer], stop_early=True, intermediates_only=True, output_fmt="NLC"
         )
