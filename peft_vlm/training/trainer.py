@@ -16,9 +16,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -26,50 +26,19 @@ from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from peft_vlm.methods.adapter_file import adapter_metadata, write_adapter
 from peft_vlm.data.collate import Collator
-from peft_vlm.data.dataset import shuffled_order
 from peft_vlm.errors import ConfigError, PeftVlmError
+from peft_vlm.methods.adapter_file import adapter_metadata, write_adapter
 from peft_vlm.runtime.tracking import named_tracked_parameters
 from peft_vlm.training import checkpoint as ckpt
 from peft_vlm.training import deepspeed as ds
 from peft_vlm.training.config import TrainConfig
+from peft_vlm.training.reporting import Reporter
+from peft_vlm.training.streams import DataStream, make_streams, micro_batches, param_groups, stand_in_batch, stream_for
 
 
 class TrainingStopped(PeftVlmError):
     """Too many non-finite losses in a row; the run saved a checkpoint first."""
-
-
-@dataclass
-class DataStream:
-    """One kind of batch: its dataset, the parameter groups it trains, and where it is in its seeded order."""
-
-    name: str
-    dataset: Any  # len() and [index] -> example (see peft_vlm.data.SampleDataset)
-    groups: tuple[str, ...]
-    seed: int
-    epoch: int = 0
-    position: int = 0
-    _order: list[int] = field(default_factory=list, repr=False)
-
-    def take(self, count: int) -> list[int]:
-        """The next `count` dataset indices, starting a new shuffled epoch when one runs out."""
-        indices = []
-        while len(indices) < count:
-            if not self._order:
-                self._order = shuffled_order(len(self.dataset), self.seed, self.epoch)
-            take = min(count - len(indices), len(self._order) - self.position)
-            indices += self._order[self.position : self.position + take]
-            self.position += take
-            if self.position == len(self._order):
-                self.epoch, self.position, self._order = self.epoch + 1, 0, []
-        return indices
-
-    def cursor(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def restore(self, cursor: dict[str, int]) -> None:
-        self.epoch, self.position, self._order = cursor["epoch"], cursor["position"], []
 
 
 @dataclass
@@ -91,36 +60,14 @@ class JointTrainer:
         data=None,
         collate_fn: Callable | None = None,
     ):
-        if data is not None and (caption_data is not None or instruction_data is not None):
-            raise ConfigError("pass either data= (one group) or caption_data=/instruction_data= (joint), not both")
         self.config = config
         self.collate = collate_fn or Collator.for_model(model)
         tracked = named_tracked_parameters(model)
         if not tracked:
             raise ConfigError("the model has nothing to train: apply a method first (pv.apply)")
-        all_groups = tuple(sorted({group for _, _, group in tracked.values()}))
-        if data is not None:
-            specs = [("train", data, all_groups)]
-        else:
-            specs = [("caption", caption_data, config.caption_groups), ("instruction", instruction_data, config.instruction_groups)]
-        self.streams = {
-            name: DataStream(name, dataset, groups, seed=config.seed * 1000 + index)
-            for index, (name, dataset, groups) in enumerate(specs)
-            if dataset is not None
-        }
-        if not self.streams:
-            raise ConfigError("no training data: pass data=, caption_data= or instruction_data=")
-        self.names_by_stream = {
-            name: [n for n, (_, _, group) in tracked.items() if group in stream.groups] for name, stream in self.streams.items()
-        }
-        for name, names in self.names_by_stream.items():
-            if not names:
-                raise ConfigError(
-                    f"{name} batches train groups {list(self.streams[name].groups)}, but the model's trainable "
-                    f"parameters are in groups {list(all_groups)}"
-                )
-        self.trained_names = sorted(tracked)
         self.group_of = {name: group for name, (_, _, group) in tracked.items()}
+        self.streams, self.names_by_stream = make_streams(config, self.group_of, caption_data, instruction_data, data)
+        self.trained_names = sorted(tracked)
         self.metadata = adapter_metadata(model)
 
         mixed_precision = config.mixed_precision
@@ -170,25 +117,7 @@ class JointTrainer:
         return self.accelerator.prepare(model)
 
     def _param_groups(self, parameters: dict[str, nn.Parameter], stream: str, names: list[str]) -> list[dict]:
-        """AdamW parameter groups of one stream, one per (method group, decay): matrices decay, vectors (biases,
-        scales, norms, gates) do not, since decaying a scale or gate would pull the model away from its base."""
-        groups: dict[tuple[str, bool], list[str]] = {}
-        for name in names:
-            groups.setdefault((self.group_of[name], parameters[name].dim() >= 2), []).append(name)
-        param_groups = [
-            {
-                "params": [parameters[n] for n in group_names],
-                "names": group_names,
-                "weight_decay": self.config.weight_decay if decay else 0.0,
-                "lr": self.config.group_learning_rates.get(group, self.config.learning_rate),
-                "group": group,
-                "stream": stream,
-            }
-            for (group, decay), group_names in sorted(groups.items())
-        ]
-        for param_group in param_groups:
-            param_group["initial_lr"] = param_group["lr"]
-        return param_groups
+        return param_groups(self.config, parameters, self.group_of, stream, names)
 
     def lr_factor(self, step: int) -> float:
         """Linear warm-up, then cosine decay to `min_lr_ratio` (or constant) over `max_steps`."""
@@ -201,49 +130,16 @@ class JointTrainer:
         return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     def stream_for(self, step: int) -> DataStream:
-        """Caption steps are spread evenly: step i is one when floor((i+1) r) > floor(i r)."""
-        if len(self.streams) == 1:
-            return next(iter(self.streams.values()))
-        ratio = self.config.caption_ratio
-        is_caption = math.floor((step + 1) * ratio) > math.floor(step * ratio)
-        return self.streams["caption" if is_caption else "instruction"]
+        return stream_for(self.streams, self.config.caption_ratio, step)
 
     # -- one step --------------------------------------------------------------------------------------------------
-    def _micro_batches(self, stream: DataStream) -> tuple[list, list[list[int]]]:
-        """This process's micro-batches of the next global batch (the same split for any number of processes), and
-        the dataset indices of every slot of the global batch."""
-        size, world, rank = self.config.batch_size, self.accelerator.num_processes, self.accelerator.process_index
-        accumulation = self.config.gradient_accumulation_steps
-        indices = stream.take(size * world * accumulation)
-        slots = [indices[slot * size : (slot + 1) * size] for slot in range(world * accumulation)]
-        batches = []
-        for micro in range(accumulation):
-            batch = self.collate([stream.dataset[i] for i in slots[micro * world + rank]])
-            report = getattr(stream.dataset, "report", None)
-            if report is not None:
-                report.add_batch(batch)
-            batches.append(batch)
-        return batches, slots
-
-    def _stand_in(self, stream: DataStream, slots: list[list[int]]):
-        """Under DeepSpeed every process runs the model in every micro-batch (the engine reduces gradients in the
-        order they come, and ZeRO-3 parameters exist whole only inside the forward): an empty micro-batch is replaced
-        by another slot of the same step, whose loss is then weighted 0."""
-        for rows in slots:
-            batch = self.collate([stream.dataset[i] for i in rows])
-            if len(batch):
-                return batch
-        raise PeftVlmError(
-            f"every row of the {stream.name} batch of step {self.step} was skipped as bad (data.bad_samples: skip); "
-            "under DeepSpeed a step needs at least one good row: check the data, or train without DeepSpeed"
-        )
-
     def _train_step(self, stream: DataStream) -> dict[str, float]:
         parameters = self.stream_parameters[stream.name]
         factor = self.lr_factor(self.step)
         for group in self._optimizer_groups(stream.name):
             group["lr"] = group["initial_lr"] * factor
-        batches, slots = self._micro_batches(stream)
+        batches, slots = micro_batches(stream, self.collate, self.config, self.accelerator.num_processes,
+                                       self.accelerator.process_index)
         device = self.accelerator.device
         total_loss, tokens, finite = torch.zeros((), device=device), 0, True
         with self._others_frozen(stream):
@@ -254,7 +150,7 @@ class JointTrainer:
                         loss = self.model(**{k: v.to(device) for k, v in batch.items()}).loss
                         tokens += int(batch["attention_mask"].sum())
                     elif self.deepspeed:
-                        stand_in = self._stand_in(stream, slots)
+                        stand_in = stand_in_batch(stream, self.collate, slots, self.step)
                         loss = self.model(**{k: v.to(device) for k, v in stand_in.items()}).loss * 0
                     else:  # every row of this micro-batch was skipped; keep the collective backward in step
                         loss = sum((p * 0).sum() for p in parameters)
@@ -319,9 +215,8 @@ class JointTrainer:
         accelerator.wait_for_everyone()
         if config.resume and (latest := ckpt.latest_checkpoint(config.output_dir)) is not None:
             self.load_checkpoint(latest)
-        if config.report_to:
-            accelerator.init_trackers("peft_vlm", config={k: str(v) for k, v in vars(config).items()})
-        progress = _progress_bar(config.max_steps, self.step, enabled=config.progress_bar and accelerator.is_main_process)
+        reporter = Reporter(config, accelerator, list(self.streams))
+        reporter.start(self.step)
         self.model.train()
         while self.step < config.max_steps:
             stream = self.stream_for(self.step)
@@ -330,11 +225,7 @@ class JointTrainer:
             self.history.append({"step": self.step, "stream": stream.name, "loss": metrics["loss"], "lr": metrics["lr"],
                                  "skipped": metrics["skipped"]})
             self.step += 1
-            tokens_per_second = metrics["tokens"] / max(time.time() - tick, 1e-9)
-            progress.update(1)
-            progress.set_postfix(loss=f"{metrics['loss']:.3f}", kind=stream.name, tok_s=f"{tokens_per_second:.0f}")
-            if config.report_to and (self.step % config.log_every == 0 or self.step == config.max_steps):
-                accelerator.log({f"loss/{stream.name}": metrics["loss"], "lr": metrics["lr"], "tokens_per_s": tokens_per_second}, step=self.step)
+            reporter.step(self.step, stream.name, metrics, time.time() - tick)
             if self.nonfinite_in_row >= config.max_nonfinite_steps:
                 path = self.save_checkpoint()
                 raise TrainingStopped(
@@ -343,12 +234,10 @@ class JointTrainer:
                 )
             if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < config.max_steps:
                 self.save_checkpoint()
-        progress.close()
+        reporter.close()
         self.save_checkpoint()
         adapter_path = self.save_adapter(Path(config.output_dir) / "adapter.safetensors")
-        if accelerator.is_main_process:
-            self.write_loss_curve(Path(config.output_dir) / "loss_curve.png")
-        accelerator.end_training()
+        reporter.finish(self.history)
         return TrainResult(self.step, self.history, self.skipped_steps, adapter_path, time.time() - start)
 
     # -- files -----------------------------------------------------------------------------------------------------
@@ -436,25 +325,6 @@ class JointTrainer:
                 if name in saved["state"]:
                     optimizer.state[parameter] = {key: _like(parameter, value) for key, value in saved["state"][name].items()}
 
-    def write_loss_curve(self, path: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        figure, axis = plt.subplots(figsize=(7, 4))
-        for name in self.streams:
-            points = [(h["step"], h["loss"]) for h in self.history if h["stream"] == name and not h["skipped"]]
-            if points:
-                axis.plot(*zip(*points), label=f"{name} batches", linewidth=1)
-        axis.set_xlabel("step")
-        axis.set_ylabel("loss")
-        axis.legend()
-        axis.grid(alpha=0.3)
-        figure.tight_layout()
-        figure.savefig(path, dpi=120)
-        plt.close(figure)
-
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
@@ -469,9 +339,3 @@ def _like(parameter: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 def _assign(parameter: torch.Tensor, value: torch.Tensor) -> None:
     parameter.copy_(_like(parameter, value.to(parameter.dtype)))
-
-
-def _progress_bar(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="training", dynamic_ncols=True)
