@@ -1,19 +1,17 @@
 """`JointTrainer`: caption batches and instruction batches update disjoint parameter groups (LLaMA-Adapter V2 sec
 4.2), each group with its own AdamW state, through `accelerate` (one process, DDP, FSDP2, DeepSpeed ZeRO; bf16 on GPU).
 
-Every step is one kind of batch: `caption_ratio` of the steps are caption steps, which update the `vision` group
-(connector, early fusion, ...); the others are instruction steps, which update the `language` group (prompts, gates,
-bias/scale, LoRA, ...). The optimizer of the group not being trained is not stepped, so neither its weight decay nor
-its momentum moves anything. With `data=` instead, every step updates every trainable parameter (LoRA, experts).
-Under DeepSpeed the engine owns a single optimizer: one AdamW whose param groups are tagged with their stream and that
-steps the groups of the stream being trained only (see `peft_vlm.training.deepspeed`).
+Every step is one kind of batch (`peft_vlm.training.streams`): `caption_ratio` of the steps are caption steps, which
+update the `vision` group (connector, early fusion, ...); the others are instruction steps, which update the
+`language` group (prompts, gates, bias/scale, LoRA, ...). With `data=` instead, every step updates every trainable
+parameter (LoRA, experts). How a step reaches the processes is the backend's business (`peft_vlm.training.backend`:
+accelerate for one process, DDP and FSDP2; DeepSpeed ZeRO); what a run shows is `peft_vlm.training.reporting`'s.
 
 Data order is a seeded permutation per stream and epoch; a checkpoint records each stream's position, so a resumed
 run sees exactly the batches the uninterrupted run would have seen.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -21,10 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from peft_vlm.data.collate import Collator
 from peft_vlm.errors import ConfigError, PeftVlmError
@@ -32,6 +27,7 @@ from peft_vlm.methods.adapter_file import adapter_metadata, write_adapter
 from peft_vlm.runtime.tracking import named_tracked_parameters
 from peft_vlm.training import checkpoint as ckpt
 from peft_vlm.training import deepspeed as ds
+from peft_vlm.training.accelerate_backend import AccelerateBackend
 from peft_vlm.training.config import TrainConfig
 from peft_vlm.training.reporting import Reporter
 from peft_vlm.training.streams import DataStream, make_streams, micro_batches, param_groups, stand_in_batch, stream_for
@@ -70,54 +66,32 @@ class JointTrainer:
         self.trained_names = sorted(tracked)
         self.metadata = adapter_metadata(model)
 
-        mixed_precision = config.mixed_precision
-        if mixed_precision == "auto":
-            mixed_precision = "bf16" if torch.cuda.is_available() else "no"
-        self.deepspeed = ds.requested()
-        if self.deepspeed:
-            options = ds.accelerator_options(config)
-        else:
-            options = {"cpu": not torch.cuda.is_available(),
-                       "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=True)]}
-        self.accelerator = Accelerator(mixed_precision=mixed_precision, log_with=config.report_to,
-                                       project_dir=config.output_dir, **options)
+        self.backend = ds.DeepSpeedBackend(config) if ds.requested() else AccelerateBackend(config)
+        self.accelerator = self.backend.accelerator
         if config.gradient_checkpointing:
             model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if self.deepspeed:  # one optimizer for the engine, created before ZeRO partitions the parameters
-            parameters = dict(model.named_parameters())
-            groups = [g for name, names in self.names_by_stream.items() for g in self._param_groups(parameters, name, names)]
-            self.optimizer = ds.StreamAdamW(groups, betas=config.betas)
-            self.model = ds.prepare(self.accelerator, model, self.optimizer, config)
-            self.optimizers = {}
-        else:
-            self.model = self._distribute(model)
-            parameters = dict(self.accelerator.unwrap_model(self.model).named_parameters())
-            self.optimizers = {
-                name: torch.optim.AdamW(self._param_groups(parameters, name, names), betas=config.betas)
-                for name, names in self.names_by_stream.items()
-            }
-        self.unwrapped = self.accelerator.unwrap_model(self.model)
-        named = dict(self.unwrapped.named_parameters())
-        self.stream_parameters = {
-            name: [named[n] for group in self._optimizer_groups(name) for n in group["names"]] for name in self.streams
-        }
+        self.model = self.backend.prepare(model, self._param_groups)
+        self.unwrapped, self.stream_parameters = self.backend.unwrapped, self.backend.stream_parameters
         self.step, self.skipped_steps, self.nonfinite_in_row, self.history = 0, 0, 0, []
 
     # -- set-up ----------------------------------------------------------------------------------------------------
-    def _distribute(self, model: nn.Module) -> nn.Module:
-        if self.config.sharding == "fsdp2" and self.accelerator.num_processes > 1 and not torch.cuda.is_available():
-            # accelerate's FSDP plugin needs GPUs (on CPU it silently falls back to DDP), so shard with torch's
-            # FSDP2 directly: every decoder layer, then the rest.
-            from torch.distributed.fsdp import fully_shard
+    @property
+    def deepspeed(self) -> bool:
+        return self.backend.deepspeed
 
-            for layer in model.language_model.model.layers:
-                fully_shard(layer)
-            fully_shard(model)
-            return model
-        return self.accelerator.prepare(model)
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """One AdamW per stream (empty under DeepSpeed, whose engine owns `optimizer`)."""
+        return getattr(self.backend, "optimizers", {})
 
-    def _param_groups(self, parameters: dict[str, nn.Parameter], stream: str, names: list[str]) -> list[dict]:
-        return param_groups(self.config, parameters, self.group_of, stream, names)
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The DeepSpeed engine's `StreamAdamW` (None without DeepSpeed)."""
+        return getattr(self.backend, "optimizer", None)
+
+    def _param_groups(self, parameters: dict[str, nn.Parameter]) -> dict[str, list[dict]]:
+        return {stream: param_groups(self.config, parameters, self.group_of, stream, names)
+                for stream, names in self.names_by_stream.items()}
 
     def lr_factor(self, step: int) -> float:
         """Linear warm-up, then cosine decay to `min_lr_ratio` (or constant) over `max_steps`."""
@@ -134,44 +108,31 @@ class JointTrainer:
 
     # -- one step --------------------------------------------------------------------------------------------------
     def _train_step(self, stream: DataStream) -> dict[str, float]:
-        parameters = self.stream_parameters[stream.name]
+        backend, device = self.backend, self.accelerator.device
         factor = self.lr_factor(self.step)
-        for group in self._optimizer_groups(stream.name):
+        for group in backend.param_groups(stream.name):
             group["lr"] = group["initial_lr"] * factor
         batches, slots = micro_batches(stream, self.collate, self.config, self.accelerator.num_processes,
                                        self.accelerator.process_index)
-        device = self.accelerator.device
         total_loss, tokens, finite = torch.zeros((), device=device), 0, True
-        with self._others_frozen(stream):
+        with backend.training(stream.name):
             for micro, batch in enumerate(batches):
                 last = micro == len(batches) - 1
-                with self._sync(last), self.accelerator.autocast():
+                with backend.sync(last), self.accelerator.autocast():
                     if len(batch):
-                        loss = self.model(**{k: v.to(device) for k, v in batch.items()}).loss
+                        loss = self._loss(batch)
                         tokens += int(batch["attention_mask"].sum())
-                    elif self.deepspeed:
-                        stand_in = stand_in_batch(stream, self.collate, slots, self.step)
-                        loss = self.model(**{k: v.to(device) for k, v in stand_in.items()}).loss * 0
-                    else:  # every row of this micro-batch was skipped; keep the collective backward in step
-                        loss = sum((p * 0).sum() for p in parameters)
-                    if not torch.isfinite(loss):
-                        finite = False
-                        if not self.deepspeed:  # under DeepSpeed it goes backward: no group steps, the engine drops the grads
-                            loss = sum((p * 0).sum() for p in parameters)
-                    if last:  # known before the last backward, which under DeepSpeed also steps
+                    else:  # every row of this micro-batch was skipped as bad
+                        loss = backend.empty_loss(self.stream_parameters[stream.name],
+                                                  lambda: self._loss(stand_in_batch(stream, self.collate, slots, self.step)))
+                    finite = finite and bool(torch.isfinite(loss))
+                    update = None
+                    if last:  # a step with a non-finite loss on any process updates nothing
                         all_finite = bool(self.accelerator.gather(torch.tensor([finite], device=device)).all())
-                        if self.deepspeed:
-                            self.optimizer.active = (stream.name,) if all_finite else ()
-                    # DeepSpeed divides by its gradient_accumulation_steps itself (set from the recipe)
-                    self.accelerator.backward(loss if self.deepspeed else loss / len(batches))
+                        update = (stream.name,) if all_finite else ()
+                    backend.backward(loss, len(batches), update)
                 total_loss += loss.detach().float() / len(batches)
-        if not self.deepspeed:
-            if all_finite:
-                if self.config.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(parameters, self.config.max_grad_norm)
-                self.optimizers[stream.name].step()
-            for other in self.optimizers.values():  # grads of groups not stepped must not leak into later steps
-                other.zero_grad(set_to_none=True)
+        backend.step()
         if all_finite:
             self.nonfinite_in_row = 0
         else:
@@ -181,30 +142,8 @@ class JointTrainer:
         return {"loss": mean_loss if all_finite else float("nan"), "tokens": tokens * self.accelerator.num_processes,
                 "lr": self.config.learning_rate * factor, "skipped": not all_finite}
 
-    def _optimizer_groups(self, stream: str) -> list[dict]:
-        if self.deepspeed:
-            return [group for group in self.optimizer.param_groups if group["stream"] == stream]
-        return self.optimizers[stream].param_groups
-
-    def _sync(self, last: bool):
-        if self.deepspeed:  # the engine reduces and steps at the end of accumulation
-            return self.accelerator.accumulate(self.model)
-        if last or self.config.sharding == "fsdp2":
-            return contextlib.nullcontext()
-        return self.accelerator.no_sync(self.model)
-
-    @contextlib.contextmanager
-    def _others_frozen(self, stream: DataStream):
-        """Under DeepSpeed the other streams' parameters get no gradient in this step, so that the engine's gradient
-        clipping measures this stream's gradients only (without DeepSpeed, `_train_step` clips them alone)."""
-        others = [p for name, ps in self.stream_parameters.items() if name != stream.name for p in ps] if self.deepspeed else []
-        for parameter in others:
-            parameter.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for parameter in others:
-                parameter.requires_grad_(True)
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**{k: v.to(self.accelerator.device) for k, v in batch.items()}).loss
 
     # -- the run ---------------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -242,11 +181,8 @@ class JointTrainer:
 
     # -- files -----------------------------------------------------------------------------------------------------
     def full_tensors(self) -> dict[str, torch.Tensor]:
-        """Every trained tensor in full, gathered from the shards where parameters are sharded (FSDP2, ZeRO-3; all
-        processes must call this; each gets the full tensors)."""
-        parameters = dict(self.unwrapped.named_parameters())
-        with ds.gathered(parameters[name] for name in self.trained_names):
-            return {name: _full(parameters[name]).cpu().clone() for name in self.trained_names}
+        """Every trained tensor in full (all processes must call this; each gets the full tensors)."""
+        return self.backend.full_tensors(self.trained_names)
 
     def save_adapter(self, path: Path) -> Path:
         tensors = self.full_tensors()
@@ -258,14 +194,13 @@ class JointTrainer:
     def save_checkpoint(self) -> Path:
         folder = ckpt.checkpoint_dir(self.config.output_dir, self.step)
         tensors = self.full_tensors()
-        optimizer_states = {name: self._optimizer_state(opt) for name, opt in self.optimizers.items()}
-        optimizer_tensors, param_groups = ckpt.flatten_optimizer_states(optimizer_states)
+        optimizer_tensors, groups = ckpt.flatten_optimizer_states(self.backend.optimizer_states())
         state = {
             "step": self.step,
             "skipped_steps": self.skipped_steps,
             "nonfinite_in_row": self.nonfinite_in_row,
             "streams": {name: stream.cursor() for name, stream in self.streams.items()},
-            "param_groups": param_groups,
+            "param_groups": groups,
             "history": self.history,
             "world_size": self.accelerator.num_processes,
             "deepspeed": self.deepspeed,
@@ -278,7 +213,7 @@ class JointTrainer:
             rank=self.accelerator.process_index,
             is_main=self.accelerator.is_main_process,
             barrier=self.accelerator.wait_for_everyone,
-            write_shards=(lambda temporary: ds.save_state(self.model, temporary / "deepspeed")) if self.deepspeed else None,
+            write_shards=self.backend.save_state,
         )
         if self.accelerator.is_main_process:
             ckpt.remove_stale(self.config.output_dir, keep=self.config.keep_checkpoints)
@@ -293,49 +228,9 @@ class JointTrainer:
                 f"checkpoint '{folder}' was written {'with' if state.get('deepspeed') else 'without'} DeepSpeed; resume "
                 f"it the same way, or start in a new output_dir (TrainConfig.output_dir={self.config.output_dir!r})"
             )
-        if self.deepspeed:  # trained parameters and the partitioned optimizer state
-            ds.load_state(self.model, folder / "deepspeed")
-        else:
-            parameters = dict(self.unwrapped.named_parameters())
-            with torch.no_grad():
-                for name, tensor in load_file(str(folder / "adapter.safetensors")).items():
-                    _assign(parameters[name], tensor)
-            states = ckpt.unflatten_optimizer_states(optimizer_tensors, state["param_groups"])
-            for name, optimizer in self.optimizers.items():
-                self._load_optimizer_state(optimizer, states[name], parameters)
+        tensors = load_file(str(folder / "adapter.safetensors"))
+        self.backend.load_state(folder, tensors, ckpt.unflatten_optimizer_states(optimizer_tensors, state["param_groups"]))
         for name, cursor in state["streams"].items():
             self.streams[name].restore(cursor)
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
         self.nonfinite_in_row, self.history = state["nonfinite_in_row"], state["history"]
-
-    @staticmethod
-    def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-        states = {}
-        for group in optimizer.param_groups:
-            for name, parameter in zip(group["names"], group["params"]):
-                if parameter in optimizer.state:
-                    states[name] = {key: _full(value) for key, value in optimizer.state[parameter].items()}
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        return {"state": states, "param_groups": groups}
-
-    @staticmethod
-    def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, parameters: dict) -> None:
-        for group in optimizer.param_groups:
-            for name, parameter in zip(group["names"], group["params"]):
-                if name in saved["state"]:
-                    optimizer.state[parameter] = {key: _like(parameter, value) for key, value in saved["state"][name].items()}
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
-
-
-def _like(parameter: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """A saved full tensor placed like `parameter` (sharded the same way under FSDP2); scalars (step) stay as saved."""
-    if isinstance(parameter, DTensor) and value.dim() > 0:
-        return distribute_tensor(value.to(parameter.dtype), parameter.device_mesh, parameter.placements)
-    return value.to(parameter.device) if value.dim() > 0 else value
-
-
-def _assign(parameter: torch.Tensor, value: torch.Tensor) -> None:
-    parameter.copy_(_like(parameter, value.to(parameter.dtype)))
