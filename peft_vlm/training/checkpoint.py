@@ -24,6 +24,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from peft_vlm.errors import ConfigError
+from peft_vlm.methods.adapter_file import write_adapter
+
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 
 
@@ -138,3 +141,40 @@ def read_checkpoint(folder: Path, rank: int) -> tuple[dict[str, torch.Tensor], d
     if rng_file.is_file():
         set_rng_state(load_file(str(rng_file)), json.loads((folder / f"rng-rank{rank}.json").read_text()))
     return load_file(str(folder / "optimizer.safetensors")), state
+
+
+def save(output_dir: str | os.PathLike, step: int, backend, adapter_tensors: dict[str, torch.Tensor],
+         metadata: dict[str, str], state: dict[str, Any], keep: int) -> Path:
+    """Write the checkpoint of `step` (every process must call this): the adapter tensors with their metadata, the
+    backend's optimizer state, the trainer's `state`; then drop all but the newest `keep` checkpoints."""
+    accelerator = backend.accelerator
+    folder = checkpoint_dir(output_dir, step)
+    optimizer_tensors, param_groups = flatten_optimizer_states(backend.optimizer_states())
+    state = {**state, "param_groups": param_groups, "world_size": accelerator.num_processes, "deepspeed": backend.deepspeed}
+    write_checkpoint(
+        folder,
+        lambda path: write_adapter(path, adapter_tensors, metadata),
+        optimizer_tensors,
+        state,
+        rank=accelerator.process_index,
+        is_main=accelerator.is_main_process,
+        barrier=accelerator.wait_for_everyone,
+        write_shards=backend.save_state,
+    )
+    if accelerator.is_main_process:
+        remove_stale(output_dir, keep=keep)
+    return folder
+
+
+def load(folder: Path, backend, output_dir: str | os.PathLike) -> dict[str, Any]:
+    """Restore this process's RNG states, the trained parameters and the optimizer states of the checkpoint in
+    `folder`; returns the trainer state it holds."""
+    optimizer_tensors, state = read_checkpoint(folder, backend.accelerator.process_index)
+    if state.get("deepspeed", False) != backend.deepspeed:
+        raise ConfigError(
+            f"checkpoint '{folder}' was written {'with' if state.get('deepspeed') else 'without'} DeepSpeed; resume "
+            f"it the same way, or start in a new output_dir (TrainConfig.output_dir={str(output_dir)!r})"
+        )
+    tensors = load_file(str(folder / "adapter.safetensors"))
+    backend.load_state(folder, tensors, unflatten_optimizer_states(optimizer_tensors, state["param_groups"]))
+    return state

@@ -47,6 +47,10 @@ class TrainResult:
 
 
 class JointTrainer:
+    """Trains the methods applied to `model`: caption and instruction batches on their own parameter groups, or
+    every group at once with `data=`; `train()` runs (or resumes) the whole run and writes the adapter.
+    """
+
     def __init__(
         self,
         model: nn.Module,
@@ -192,44 +196,18 @@ class JointTrainer:
         return Path(path)
 
     def save_checkpoint(self) -> Path:
-        folder = ckpt.checkpoint_dir(self.config.output_dir, self.step)
-        tensors = self.full_tensors()
-        optimizer_tensors, groups = ckpt.flatten_optimizer_states(self.backend.optimizer_states())
         state = {
             "step": self.step,
             "skipped_steps": self.skipped_steps,
             "nonfinite_in_row": self.nonfinite_in_row,
             "streams": {name: stream.cursor() for name, stream in self.streams.items()},
-            "param_groups": groups,
             "history": self.history,
-            "world_size": self.accelerator.num_processes,
-            "deepspeed": self.deepspeed,
         }
-        ckpt.write_checkpoint(
-            folder,
-            lambda path: write_adapter(path, tensors, self.metadata),
-            optimizer_tensors,
-            state,
-            rank=self.accelerator.process_index,
-            is_main=self.accelerator.is_main_process,
-            barrier=self.accelerator.wait_for_everyone,
-            write_shards=self.backend.save_state,
-        )
-        if self.accelerator.is_main_process:
-            ckpt.remove_stale(self.config.output_dir, keep=self.config.keep_checkpoints)
-        return folder
+        return ckpt.save(self.config.output_dir, self.step, self.backend, self.full_tensors(), self.metadata, state,
+                         keep=self.config.keep_checkpoints)
 
     def load_checkpoint(self, folder: Path) -> None:
-        from safetensors.torch import load_file
-
-        optimizer_tensors, state = ckpt.read_checkpoint(folder, self.accelerator.process_index)
-        if state.get("deepspeed", False) != self.deepspeed:
-            raise ConfigError(
-                f"checkpoint '{folder}' was written {'with' if state.get('deepspeed') else 'without'} DeepSpeed; resume "
-                f"it the same way, or start in a new output_dir (TrainConfig.output_dir={self.config.output_dir!r})"
-            )
-        tensors = load_file(str(folder / "adapter.safetensors"))
-        self.backend.load_state(folder, tensors, ckpt.unflatten_optimizer_states(optimizer_tensors, state["param_groups"]))
+        state = ckpt.load(folder, self.backend, self.config.output_dir)
         for name, cursor in state["streams"].items():
             self.streams[name].restore(cursor)
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
