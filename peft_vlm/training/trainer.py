@@ -49,6 +49,10 @@ class TrainResult:
 class JointTrainer:
     """Trains the methods applied to `model`: caption and instruction batches on their own parameter groups, or
     every group at once with `data=`; `train()` runs (or resumes) the whole run and writes the adapter.
+
+    `callbacks`: callables `callback(trainer, step)` run on the main process after every optimizer step, `step` the
+    number of steps done (a periodic evaluation of `trainer.unwrapped`, say). Under sharded training (FSDP2, ZeRO-3)
+    a callback must not run the model: its parameters are whole only while every process takes part.
     """
 
     def __init__(
@@ -59,8 +63,10 @@ class JointTrainer:
         instruction_data=None,
         data=None,
         collate_fn: Callable | None = None,
+        callbacks: list[Callable[["JointTrainer", int], None]] = (),
     ):
         self.config = config
+        self.callbacks = list(callbacks)
         self.collate = collate_fn or Collator.for_model(model)
         tracked = named_tracked_parameters(model)
         if not tracked:
@@ -169,6 +175,8 @@ class JointTrainer:
                                  "skipped": metrics["skipped"]})
             self.step += 1
             reporter.step(self.step, stream.name, metrics, time.time() - tick)
+            if self.callbacks and accelerator.is_main_process:
+                self._run_callbacks()
             if self.nonfinite_in_row >= config.max_nonfinite_steps:
                 path = self.save_checkpoint()
                 raise TrainingStopped(
@@ -182,6 +190,18 @@ class JointTrainer:
         adapter_path = self.save_adapter(Path(config.output_dir) / "adapter.safetensors")
         reporter.finish(self.history)
         return TrainResult(self.step, self.history, self.skipped_steps, adapter_path, time.time() - start)
+
+    def _run_callbacks(self) -> None:
+        """Each callback gets the trainer after `self.step` optimizer steps (on the main process; the others wait
+        for it in the next step's collectives). What it does to the random generators or to the model's train/eval
+        mode is undone, so a run with callbacks trains exactly like one without."""
+        rng_tensors, rng_python = ckpt.rng_state()
+        try:
+            for callback in self.callbacks:
+                callback(self, self.step)
+        finally:
+            ckpt.set_rng_state(rng_tensors, rng_python)
+            self.model.train()
 
     # -- files -----------------------------------------------------------------------------------------------------
     def full_tensors(self) -> dict[str, torch.Tensor]:
