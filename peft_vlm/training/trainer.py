@@ -29,6 +29,7 @@ from peft_vlm.training import checkpoint as ckpt
 from peft_vlm.training import deepspeed as ds
 from peft_vlm.training.accelerate_backend import AccelerateBackend
 from peft_vlm.training.config import TrainConfig
+from peft_vlm.training.preflight import check_output_dir, refuse_merged
 from peft_vlm.training.reporting import Reporter
 from peft_vlm.training.streams import DataStream, make_streams, micro_batches, param_groups, stand_in_batch, stream_for
 
@@ -65,6 +66,7 @@ class JointTrainer:
         collate_fn: Callable | None = None,
         callbacks: list[Callable[["JointTrainer", int], None]] = (),
     ):
+        refuse_merged(model)
         self.config = config
         self.callbacks = list(callbacks)
         self.collate = collate_fn or Collator.for_model(model)
@@ -75,7 +77,7 @@ class JointTrainer:
         self.streams, self.names_by_stream = make_streams(config, self.group_of, caption_data, instruction_data, data)
         self.trained_names = sorted(tracked)
         self.metadata = adapter_metadata(model)
-
+        check_output_dir(config.output_dir)  # now, not at the first checkpoint (with checkpoint_every 0: after all steps)
         self.backend = ds.DeepSpeedBackend(config) if ds.requested() else AccelerateBackend(config)
         self.accelerator = self.backend.accelerator
         if config.gradient_checkpointing:
@@ -159,11 +161,9 @@ class JointTrainer:
     def train(self) -> TrainResult:
         config, accelerator = self.config, self.accelerator
         start = time.time()
-        if accelerator.is_main_process:
-            ckpt.remove_stale(config.output_dir, keep=config.keep_checkpoints)
-        accelerator.wait_for_everyone()
-        if config.resume and (latest := ckpt.latest_checkpoint(config.output_dir)) is not None:
-            self.load_checkpoint(latest)
+        checkpoint = ckpt.resume_point(config.output_dir, accelerator, config.keep_checkpoints, resume=config.resume)
+        if checkpoint is not None:
+            self.load_checkpoint(checkpoint)
         reporter = Reporter(config, accelerator, list(self.streams))
         reporter.start(self.step)
         self.model.train()
@@ -226,8 +226,11 @@ class JointTrainer:
         return ckpt.save(self.config.output_dir, self.step, self.backend, self.full_tensors(), self.metadata, state,
                          keep=self.config.keep_checkpoints)
 
-    def load_checkpoint(self, folder: Path) -> None:
-        state = ckpt.load(folder, self.backend, self.config.output_dir)
+    def load_checkpoint(self, checkpoint: Path | ckpt.Checkpoint) -> None:
+        """Continue from a checkpoint (a folder, or as `ckpt.read` returned it); every process must call this."""
+        if not isinstance(checkpoint, ckpt.Checkpoint):
+            checkpoint = ckpt.read(checkpoint, self.accelerator.process_index)
+        state = ckpt.load(checkpoint, self.backend, self.config.output_dir, self.trained_names)
         for name, cursor in state["streams"].items():
             self.streams[name].restore(cursor)
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
