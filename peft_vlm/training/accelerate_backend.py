@@ -88,4 +88,4 @@ class AccelerateBackend(Backend):
             for group in optimizer.param_groups:
                 for name, parameter in zip(group["names"], group["params"]):
                     if name in saved:
-                        optimizer.state[parameter] = {key: placed_like(parameter, value) for key, value in saved[name].items()}
+                        optimizer.state[parameter] = {k: placed_like(parameter, v) for k, v in saved[name].items()}

@@ -182,7 +182,8 @@ def read(folder: Path, rank: int) -> Checkpoint:
         raise CorruptCheckpointError(f"checkpoint '{folder}': trainer_state.json lacks {', '.join(missing)}")
     if state.get("deepspeed") and not (folder / "deepspeed").is_dir():
         raise CorruptCheckpointError(f"checkpoint '{folder}': the DeepSpeed engine's state (deepspeed/) is missing")
-    checkpoint = Checkpoint(folder, state, _tensors(folder / "adapter.safetensors"), _tensors(folder / "optimizer.safetensors"))
+    adapter, optimizer = _tensors(folder / "adapter.safetensors"), _tensors(folder / "optimizer.safetensors")
+    checkpoint = Checkpoint(folder, state, adapter, optimizer)
     for rng_file in sorted(folder.glob("rng-rank*.safetensors")):  # every process's, so that all decide alike
         rng = _tensors(rng_file), _json(rng_file.with_suffix(".json"))
         if rng_file.name == f"rng-rank{rank}.safetensors":
@@ -274,7 +275,8 @@ def load(checkpoint: Checkpoint, backend, output_dir: str | os.PathLike, trained
         raise ConfigError(f"checkpoint '{folder}' was written {'with' if state.get('deepspeed') else 'without'} "
                           f"DeepSpeed; resume it the same way, or {where}")
     if sorted(checkpoint.adapter) != sorted(trained_names):
-        extra, missing = sorted(set(checkpoint.adapter) - set(trained_names)), sorted(set(trained_names) - set(checkpoint.adapter))
+        saved, trained = set(checkpoint.adapter), set(trained_names)
+        extra, missing = sorted(saved - trained), sorted(trained - saved)
         raise ConfigError(f"checkpoint '{folder}' was written for other methods (tensors not trained here: {extra[:3]}, "
                           f"trained here but not in it: {missing[:3]}); {where}")
     if checkpoint.rng is not None:

@@ -59,7 +59,8 @@ def make_streams(config: TrainConfig, group_of: dict[str, str], caption_data, in
     if data is not None:
         specs = [("train", data, all_groups)]
     else:
-        specs = [("caption", caption_data, config.caption_groups), ("instruction", instruction_data, config.instruction_groups)]
+        specs = [("caption", caption_data, config.caption_groups),
+                 ("instruction", instruction_data, config.instruction_groups)]
     streams = {
         name: DataStream(name, dataset, groups, seed=config.seed * 1000 + index)
         for index, (name, dataset, groups) in enumerate(specs)
@@ -67,7 +68,8 @@ def make_streams(config: TrainConfig, group_of: dict[str, str], caption_data, in
     }
     if not streams:
         raise ConfigError("no training data: pass data=, caption_data= or instruction_data=")
-    names_by_stream = {name: [n for n, group in group_of.items() if group in stream.groups] for name, stream in streams.items()}
+    names_by_stream = {name: [n for n, group in group_of.items() if group in stream.groups]
+                       for name, stream in streams.items()}
     for name, names in names_by_stream.items():
         if not names:
             raise ConfigError(
