@@ -9,46 +9,83 @@ A checkpoint is a folder `checkpoints/step-0000100/` with
 - `trainer_state.json`: step, data positions, schedules, Python/NumPy RNG states, loss history.
 It is written under a temporary name and renamed when complete, so a run killed while writing leaves no
 half-written checkpoint behind. No pickle: tensors are safetensors, the rest is JSON.
+
+At least one checkpoint is always kept, whatever `keep_checkpoints` says. On resume every file of the newest
+checkpoint is read before anything is restored; one that is missing, truncated or not what it should be (a disk
+that filled up, a copy cut short) makes the checkpoint skipped: it is logged with the reason, renamed to
+`step-NNNNNNN.corrupt` (kept for inspection, out of the rotation) and the next newest intact one is used.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from peft_vlm.errors import ConfigError, PeftVlmError
+from peft_vlm.methods.adapter_file import write_adapter
+
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
+REPLACED = ".tmp-replaced"  # a checkpoint being replaced by a newer write of the same step
+STATE_KEYS = ("step", "skipped_steps", "nonfinite_in_row", "streams", "history", "param_groups")
+log = logging.getLogger(__name__)
+
+
+class CorruptCheckpointError(PeftVlmError):
+    """A checkpoint folder with a file that is missing, truncated or malformed (the message names both)."""
+
+
+@dataclass
+class Checkpoint:
+    """Everything a checkpoint folder holds, read and checked, nothing restored yet."""
+
+    folder: Path
+    state: dict[str, Any]
+    adapter: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+    rng: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = field(default=None, repr=False)  # this process's
 
 
 def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
     return Path(output_dir) / "checkpoints" / f"step-{step:07d}"
 
 
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """The complete checkpoint folders in `output_dir`, oldest first."""
     folder = Path(output_dir) / "checkpoints"
     if not folder.is_dir():
-        return None
+        return []
     steps = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()]
-    return max(steps)[1] if steps else None
+    return [path for _, path in sorted(steps)]
+
+
+def remove_interrupted(output_dir: str | os.PathLike) -> None:
+    """Drop the temporary folders of interrupted writes; a checkpoint that a write of the same step was replacing
+    when it stopped comes back."""
+    folder = Path(output_dir) / "checkpoints"
+    for path in sorted(folder.iterdir()) if folder.is_dir() else ():
+        if path.name.endswith(REPLACED) and not (original := path.with_name(path.name[: -len(REPLACED)])).exists():
+            os.replace(path, original)
+        elif ".tmp" in path.name:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def remove_stale(output_dir: str | os.PathLike, keep: int) -> None:
-    """Drop temporary folders of interrupted writes and all but the newest `keep` checkpoints."""
-    folder = Path(output_dir) / "checkpoints"
-    if not folder.is_dir():
-        return
-    for path in folder.iterdir():
-        if ".tmp" in path.name:
-            shutil.rmtree(path, ignore_errors=True)
-    complete = sorted(p for p in folder.iterdir() if CHECKPOINT_PATTERN.match(p.name))
-    for path in complete[: max(0, len(complete) - keep)]:
+    """Drop interrupted writes and all but the newest `keep` checkpoints (at least one is always kept: a run started
+    again must find where it stopped)."""
+    remove_interrupted(output_dir)
+    complete = checkpoints(output_dir)
+    for path in complete[: max(0, len(complete) - max(1, keep))]:
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -125,16 +162,124 @@ def write_checkpoint(
         save_file(optimizer_tensors, str(temporary / "optimizer.safetensors"))
         (temporary / "trainer_state.json").write_text(json.dumps(state, indent=1))
     barrier()
-    if is_main:
-        shutil.rmtree(folder, ignore_errors=True)
+    if is_main:  # a checkpoint of the same step (a finished run started again) goes aside first, never missing
+        replaced = folder.with_name(folder.name + REPLACED)
+        shutil.rmtree(replaced, ignore_errors=True)
+        if folder.exists():
+            os.replace(folder, replaced)
         os.replace(temporary, folder)
+        shutil.rmtree(replaced, ignore_errors=True)
     barrier()
 
 
-def read_checkpoint(folder: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(optimizer tensors, trainer state) and restore this process's RNG states."""
-    state = json.loads((folder / "trainer_state.json").read_text())
-    rng_file = folder / f"rng-rank{rank}.safetensors"
-    if rng_file.is_file():
-        set_rng_state(load_file(str(rng_file)), json.loads((folder / f"rng-rank{rank}.json").read_text()))
-    return load_file(str(folder / "optimizer.safetensors")), state
+def read(folder: Path, rank: int) -> Checkpoint:
+    """Read and check every file of a checkpoint folder (this process's RNG state among them); restores nothing.
+    Raises `CorruptCheckpointError` naming the folder and the file at fault."""
+    folder = Path(folder)
+    state = _json(folder / "trainer_state.json")
+    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CorruptCheckpointError(f"checkpoint '{folder}': trainer_state.json lacks {', '.join(missing)}")
+    if state.get("deepspeed") and not (folder / "deepspeed").is_dir():
+        raise CorruptCheckpointError(f"checkpoint '{folder}': the DeepSpeed engine's state (deepspeed/) is missing")
+    adapter, optimizer = _tensors(folder / "adapter.safetensors"), _tensors(folder / "optimizer.safetensors")
+    checkpoint = Checkpoint(folder, state, adapter, optimizer)
+    for rng_file in sorted(folder.glob("rng-rank*.safetensors")):  # every process's, so that all decide alike
+        rng = _tensors(rng_file), _json(rng_file.with_suffix(".json"))
+        if rng_file.name == f"rng-rank{rank}.safetensors":
+            checkpoint.rng = rng
+    return checkpoint
+
+
+def newest_intact(output_dir: str | os.PathLike, rank: int) -> tuple[Checkpoint | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that reads completely, and the newer ones skipped with the reason for each."""
+    skipped = []
+    for folder in reversed(checkpoints(output_dir)):
+        try:
+            return read(folder, rank), skipped
+        except CorruptCheckpointError as error:
+            skipped.append((folder, str(error)))
+    return None, skipped
+
+
+def resume_point(output_dir: str | os.PathLike, accelerator, keep: int, resume: bool) -> Checkpoint | None:
+    """At the start of a run (every process must call this): drop interrupted writes, find the checkpoint to resume
+    from (with `resume`), move the corrupt newer ones aside, logging each, and keep the newest `keep` of the rest."""
+    if accelerator.is_main_process:
+        remove_interrupted(output_dir)
+    accelerator.wait_for_everyone()
+    checkpoint, skipped = newest_intact(output_dir, accelerator.process_index) if resume else (None, [])
+    accelerator.wait_for_everyone()  # every process has read before any folder is renamed
+    if accelerator.is_main_process:
+        for folder, reason in skipped:
+            aside = folder.with_name(folder.name + ".corrupt")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(folder, aside)
+            log.warning("skipped %s; moved it to '%s'", reason, aside)
+        if checkpoint is not None:
+            log.info("resuming from checkpoint '%s' (step %d)", checkpoint.folder, checkpoint.state["step"])
+        elif skipped:
+            log.warning("no intact checkpoint in '%s': training starts from step 0", Path(output_dir) / "checkpoints")
+        remove_stale(output_dir, keep=keep)
+    accelerator.wait_for_everyone()
+    return checkpoint
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"checkpoint '{path.parent}': {path.name} is missing") from None
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CorruptCheckpointError(f"checkpoint '{path.parent}': {path.name} is truncated or corrupt ({error})") from None
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CorruptCheckpointError(f"checkpoint '{path.parent}': {path.name} is missing")
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as error:
+        raise CorruptCheckpointError(f"checkpoint '{path.parent}': {path.name} is truncated or corrupt ({error})") from None
+
+
+def save(output_dir: str | os.PathLike, step: int, backend, adapter_tensors: dict[str, torch.Tensor],
+         metadata: dict[str, str], state: dict[str, Any], keep: int) -> Path:
+    """Write the checkpoint of `step` (every process must call this): the adapter tensors with their metadata, the
+    backend's optimizer state, the trainer's `state`; then drop all but the newest `keep` checkpoints."""
+    accelerator = backend.accelerator
+    folder = checkpoint_dir(output_dir, step)
+    optimizer_tensors, param_groups = flatten_optimizer_states(backend.optimizer_states())
+    state = {**state, "param_groups": param_groups, "world_size": accelerator.num_processes, "deepspeed": backend.deepspeed}
+    write_checkpoint(
+        folder,
+        lambda path: write_adapter(path, adapter_tensors, metadata),
+        optimizer_tensors,
+        state,
+        rank=accelerator.process_index,
+        is_main=accelerator.is_main_process,
+        barrier=accelerator.wait_for_everyone,
+        write_shards=backend.save_state,
+    )
+    if accelerator.is_main_process:
+        remove_stale(output_dir, keep=keep)
+    return folder
+
+
+def load(checkpoint: Checkpoint, backend, output_dir: str | os.PathLike, trained_names: list[str]) -> dict[str, Any]:
+    """Restore this process's RNG states, the trained parameters and the optimizer states of `checkpoint`;
+    returns the trainer state it holds."""
+    folder, state = checkpoint.folder, checkpoint.state
+    where = f"start in a new output_dir (TrainConfig.output_dir={str(output_dir)!r})"
+    if state.get("deepspeed", False) != backend.deepspeed:
+        raise ConfigError(f"checkpoint '{folder}' was written {'with' if state.get('deepspeed') else 'without'} "
+                          f"DeepSpeed; resume it the same way, or {where}")
+    if sorted(checkpoint.adapter) != sorted(trained_names):
+        saved, trained = set(checkpoint.adapter), set(trained_names)
+        extra, missing = sorted(saved - trained), sorted(trained - saved)
+        raise ConfigError(f"checkpoint '{folder}' was written for other methods (tensors not trained here: {extra[:3]}, "
+                          f"trained here but not in it: {missing[:3]}); {where}")
+    if checkpoint.rng is not None:
+        set_rng_state(*checkpoint.rng)
+    backend.load_state(folder, checkpoint.adapter, unflatten_optimizer_states(checkpoint.optimizer, state["param_groups"]))
+    return state

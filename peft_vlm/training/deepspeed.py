@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO (through accelerate) for `JointTrainer`.
+"""DeepSpeed ZeRO (through accelerate) for `JointTrainer`: `DeepSpeedBackend` and what it needs.
 
 `accelerate launch` with a DeepSpeed config (recipes/accelerate/deepspeed_zero*.yaml) sets `ACCELERATE_USE_DEEPSPEED`;
 the trainer then hands accelerate one `StreamAdamW` whose param groups are tagged with their data stream, and the
@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import Iterable
 
 import torch
 
 from peft_vlm.errors import ConfigError
+from peft_vlm.training.backend import Backend, GroupMaker
 
 RECIPE_KEYS = {  # DeepSpeed config key -> TrainConfig field
     "train_micro_batch_size_per_gpu": "batch_size",
@@ -109,3 +111,60 @@ def load_state(engine, folder) -> None:
                                      load_lr_scheduler_states=False)
     if path is None:
         raise ConfigError(f"no DeepSpeed state in checkpoint folder '{folder}'")
+
+
+class DeepSpeedBackend(Backend):
+    """The engine owns one `StreamAdamW` and steps it inside the last micro-batch's backward."""
+
+    deepspeed = True
+
+    def accelerator_options(self) -> dict:
+        return accelerator_options(self.config)
+
+    def prepare(self, model: torch.nn.Module, make_groups: GroupMaker) -> torch.nn.Module:
+        # one optimizer for the engine, created before ZeRO partitions the parameters
+        by_stream = make_groups(dict(model.named_parameters()))
+        self.optimizer = StreamAdamW([group for groups in by_stream.values() for group in groups], betas=self.config.betas)
+        return self._prepared(prepare(self.accelerator, model, self.optimizer, self.config), by_stream)
+
+    def param_groups(self, stream: str) -> list[dict]:
+        return [group for group in self.optimizer.param_groups if group["stream"] == stream]
+
+    @contextlib.contextmanager
+    def training(self, stream: str):
+        """The other streams' parameters get no gradient in this step, so that the engine's gradient clipping
+        measures this stream's gradients only (as `AccelerateBackend.step` clips them alone)."""
+        others = [p for name, ps in self.stream_parameters.items() if name != stream for p in ps]
+        for parameter in others:
+            parameter.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for parameter in others:
+                parameter.requires_grad_(True)
+
+    def sync(self, last: bool):
+        return self.accelerator.accumulate(self.model)  # the engine reduces and steps at the end of accumulation
+
+    def empty_loss(self, parameters, stand_in):
+        """Every process runs the model in every micro-batch (the engine reduces gradients in the order they come,
+        and ZeRO-3 parameters exist whole only inside the forward): another slot's batch, weighted 0."""
+        return stand_in() * 0
+
+    def backward(self, loss, micro_batches, update=None):
+        if update is not None:  # known before the last backward, inside which the engine steps
+            self.optimizer.active = update
+        self.accelerator.backward(loss)  # DeepSpeed divides by its gradient_accumulation_steps itself
+
+    def step(self) -> None:
+        """The engine stepped (and dropped the gradients) inside the last backward."""
+
+    def gathered(self, parameters):
+        return gathered(parameters)
+
+    def save_state(self, folder) -> None:
+        save_state(self.model, Path(folder) / "deepspeed")
+
+    def load_state(self, folder, tensors, optimizer_states) -> None:
+        """The engine's checkpoint holds the trained parameters and the partitioned optimizer state."""
+        load_state(self.model, Path(folder) / "deepspeed")

@@ -1,75 +1,41 @@
 """`JointTrainer`: caption batches and instruction batches update disjoint parameter groups (LLaMA-Adapter V2 sec
 4.2), each group with its own AdamW state, through `accelerate` (one process, DDP, FSDP2, DeepSpeed ZeRO; bf16 on GPU).
 
-Every step is one kind of batch: `caption_ratio` of the steps are caption steps, which update the `vision` group
-(connector, early fusion, ...); the others are instruction steps, which update the `language` group (prompts, gates,
-bias/scale, LoRA, ...). The optimizer of the group not being trained is not stepped, so neither its weight decay nor
-its momentum moves anything. With `data=` instead, every step updates every trainable parameter (LoRA, experts).
-Under DeepSpeed the engine owns a single optimizer: one AdamW whose param groups are tagged with their stream and that
-steps the groups of the stream being trained only (see `peft_vlm.training.deepspeed`).
+Every step is one kind of batch (`peft_vlm.training.streams`): `caption_ratio` of the steps are caption steps, which
+update the `vision` group (connector, early fusion, ...); the others are instruction steps, which update the
+`language` group (prompts, gates, bias/scale, LoRA, ...). With `data=` instead, every step updates every trainable
+parameter (LoRA, experts). How a step reaches the processes is the backend's business (`peft_vlm.training.backend`:
+accelerate for one process, DDP and FSDP2; DeepSpeed ZeRO); what a run shows is `peft_vlm.training.reporting`'s.
 
 Data order is a seeded permutation per stream and epoch; a checkpoint records each stream's position, so a resumed
 run sees exactly the batches the uninterrupted run would have seen.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
-from peft_vlm.methods.adapter_file import adapter_metadata, write_adapter
 from peft_vlm.data.collate import Collator
-from peft_vlm.data.dataset import shuffled_order
 from peft_vlm.errors import ConfigError, PeftVlmError
+from peft_vlm.methods.adapter_file import adapter_metadata, write_adapter
 from peft_vlm.runtime.tracking import named_tracked_parameters
 from peft_vlm.training import checkpoint as ckpt
 from peft_vlm.training import deepspeed as ds
+from peft_vlm.training.accelerate_backend import AccelerateBackend
 from peft_vlm.training.config import TrainConfig
+from peft_vlm.training.preflight import check_output_dir, refuse_merged
+from peft_vlm.training.reporting import Reporter
+from peft_vlm.training.streams import DataStream, make_streams, micro_batches, param_groups, stand_in_batch, stream_for
 
 
 class TrainingStopped(PeftVlmError):
     """Too many non-finite losses in a row; the run saved a checkpoint first."""
-
-
-@dataclass
-class DataStream:
-    """One kind of batch: its dataset, the parameter groups it trains, and where it is in its seeded order."""
-
-    name: str
-    dataset: Any  # len() and [index] -> example (see peft_vlm.data.SampleDataset)
-    groups: tuple[str, ...]
-    seed: int
-    epoch: int = 0
-    position: int = 0
-    _order: list[int] = field(default_factory=list, repr=False)
-
-    def take(self, count: int) -> list[int]:
-        """The next `count` dataset indices, starting a new shuffled epoch when one runs out."""
-        indices = []
-        while len(indices) < count:
-            if not self._order:
-                self._order = shuffled_order(len(self.dataset), self.seed, self.epoch)
-            take = min(count - len(indices), len(self._order) - self.position)
-            indices += self._order[self.position : self.position + take]
-            self.position += take
-            if self.position == len(self._order):
-                self.epoch, self.position, self._order = self.epoch + 1, 0, []
-        return indices
-
-    def cursor(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def restore(self, cursor: dict[str, int]) -> None:
-        self.epoch, self.position, self._order = cursor["epoch"], cursor["position"], []
 
 
 @dataclass
@@ -82,6 +48,14 @@ class TrainResult:
 
 
 class JointTrainer:
+    """Trains the methods applied to `model`: caption and instruction batches on their own parameter groups, or
+    every group at once with `data=`; `train()` runs (or resumes) the whole run and writes the adapter.
+
+    `callbacks`: callables `callback(trainer, step)` run on the main process after every optimizer step, `step` the
+    number of steps done (a periodic evaluation of `trainer.unwrapped`, say). Under sharded training (FSDP2, ZeRO-3)
+    a callback must not run the model: its parameters are whole only while every process takes part.
+    """
+
     def __init__(
         self,
         model: nn.Module,
@@ -90,105 +64,46 @@ class JointTrainer:
         instruction_data=None,
         data=None,
         collate_fn: Callable | None = None,
+        callbacks: list[Callable[["JointTrainer", int], None]] = (),
     ):
-        if data is not None and (caption_data is not None or instruction_data is not None):
-            raise ConfigError("pass either data= (one group) or caption_data=/instruction_data= (joint), not both")
+        refuse_merged(model)
         self.config = config
+        self.callbacks = list(callbacks)
         self.collate = collate_fn or Collator.for_model(model)
         tracked = named_tracked_parameters(model)
         if not tracked:
             raise ConfigError("the model has nothing to train: apply a method first (pv.apply)")
-        all_groups = tuple(sorted({group for _, _, group in tracked.values()}))
-        if data is not None:
-            specs = [("train", data, all_groups)]
-        else:
-            specs = [("caption", caption_data, config.caption_groups), ("instruction", instruction_data, config.instruction_groups)]
-        self.streams = {
-            name: DataStream(name, dataset, groups, seed=config.seed * 1000 + index)
-            for index, (name, dataset, groups) in enumerate(specs)
-            if dataset is not None
-        }
-        if not self.streams:
-            raise ConfigError("no training data: pass data=, caption_data= or instruction_data=")
-        self.names_by_stream = {
-            name: [n for n, (_, _, group) in tracked.items() if group in stream.groups] for name, stream in self.streams.items()
-        }
-        for name, names in self.names_by_stream.items():
-            if not names:
-                raise ConfigError(
-                    f"{name} batches train groups {list(self.streams[name].groups)}, but the model's trainable "
-                    f"parameters are in groups {list(all_groups)}"
-                )
-        self.trained_names = sorted(tracked)
         self.group_of = {name: group for name, (_, _, group) in tracked.items()}
+        self.streams, self.names_by_stream = make_streams(config, self.group_of, caption_data, instruction_data, data)
+        self.trained_names = sorted(tracked)
         self.metadata = adapter_metadata(model)
-
-        mixed_precision = config.mixed_precision
-        if mixed_precision == "auto":
-            mixed_precision = "bf16" if torch.cuda.is_available() else "no"
-        self.deepspeed = ds.requested()
-        if self.deepspeed:
-            options = ds.accelerator_options(config)
-        else:
-            options = {"cpu": not torch.cuda.is_available(),
-                       "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=True)]}
-        self.accelerator = Accelerator(mixed_precision=mixed_precision, log_with=config.report_to,
-                                       project_dir=config.output_dir, **options)
+        check_output_dir(config.output_dir)  # now, not at the first checkpoint (with checkpoint_every 0: after all steps)
+        self.backend = ds.DeepSpeedBackend(config) if ds.requested() else AccelerateBackend(config)
+        self.accelerator = self.backend.accelerator
         if config.gradient_checkpointing:
             model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if self.deepspeed:  # one optimizer for the engine, created before ZeRO partitions the parameters
-            parameters = dict(model.named_parameters())
-            groups = [g for name, names in self.names_by_stream.items() for g in self._param_groups(parameters, name, names)]
-            self.optimizer = ds.StreamAdamW(groups, betas=config.betas)
-            self.model = ds.prepare(self.accelerator, model, self.optimizer, config)
-            self.optimizers = {}
-        else:
-            self.model = self._distribute(model)
-            parameters = dict(self.accelerator.unwrap_model(self.model).named_parameters())
-            self.optimizers = {
-                name: torch.optim.AdamW(self._param_groups(parameters, name, names), betas=config.betas)
-                for name, names in self.names_by_stream.items()
-            }
-        self.unwrapped = self.accelerator.unwrap_model(self.model)
-        named = dict(self.unwrapped.named_parameters())
-        self.stream_parameters = {
-            name: [named[n] for group in self._optimizer_groups(name) for n in group["names"]] for name in self.streams
-        }
+        self.model = self.backend.prepare(model, self._param_groups)
+        self.unwrapped, self.stream_parameters = self.backend.unwrapped, self.backend.stream_parameters
         self.step, self.skipped_steps, self.nonfinite_in_row, self.history = 0, 0, 0, []
 
     # -- set-up ----------------------------------------------------------------------------------------------------
-    def _distribute(self, model: nn.Module) -> nn.Module:
-        if self.config.sharding == "fsdp2" and self.accelerator.num_processes > 1 and not torch.cuda.is_available():
-            # accelerate's FSDP plugin needs GPUs (on CPU it silently falls back to DDP), so shard with torch's
-            # FSDP2 directly: every decoder layer, then the rest.
-            from torch.distributed.fsdp import fully_shard
+    @property
+    def deepspeed(self) -> bool:
+        return self.backend.deepspeed
 
-            for layer in model.language_model.model.layers:
-                fully_shard(layer)
-            fully_shard(model)
-            return model
-        return self.accelerator.prepare(model)
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """One AdamW per stream (empty under DeepSpeed, whose engine owns `optimizer`)."""
+        return getattr(self.backend, "optimizers", {})
 
-    def _param_groups(self, parameters: dict[str, nn.Parameter], stream: str, names: list[str]) -> list[dict]:
-        """AdamW parameter groups of one stream, one per (method group, decay): matrices decay, vectors (biases,
-        scales, norms, gates) do not, since decaying a scale or gate would pull the model away from its base."""
-        groups: dict[tuple[str, bool], list[str]] = {}
-        for name in names:
-            groups.setdefault((self.group_of[name], parameters[name].dim() >= 2), []).append(name)
-        param_groups = [
-            {
-                "params": [parameters[n] for n in group_names],
-                "names": group_names,
-                "weight_decay": self.config.weight_decay if decay else 0.0,
-                "lr": self.config.group_learning_rates.get(group, self.config.learning_rate),
-                "group": group,
-                "stream": stream,
-            }
-            for (group, decay), group_names in sorted(groups.items())
-        ]
-        for param_group in param_groups:
-            param_group["initial_lr"] = param_group["lr"]
-        return param_groups
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The DeepSpeed engine's `StreamAdamW` (None without DeepSpeed)."""
+        return getattr(self.backend, "optimizer", None)
+
+    def _param_groups(self, parameters: dict[str, nn.Parameter]) -> dict[str, list[dict]]:
+        return {stream: param_groups(self.config, parameters, self.group_of, stream, names)
+                for stream, names in self.names_by_stream.items()}
 
     def lr_factor(self, step: int) -> float:
         """Linear warm-up, then cosine decay to `min_lr_ratio` (or constant) over `max_steps`."""
@@ -201,81 +116,35 @@ class JointTrainer:
         return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     def stream_for(self, step: int) -> DataStream:
-        """Caption steps are spread evenly: step i is one when floor((i+1) r) > floor(i r)."""
-        if len(self.streams) == 1:
-            return next(iter(self.streams.values()))
-        ratio = self.config.caption_ratio
-        is_caption = math.floor((step + 1) * ratio) > math.floor(step * ratio)
-        return self.streams["caption" if is_caption else "instruction"]
+        return stream_for(self.streams, self.config.caption_ratio, step)
 
     # -- one step --------------------------------------------------------------------------------------------------
-    def _micro_batches(self, stream: DataStream) -> tuple[list, list[list[int]]]:
-        """This process's micro-batches of the next global batch (the same split for any number of processes), and
-        the dataset indices of every slot of the global batch."""
-        size, world, rank = self.config.batch_size, self.accelerator.num_processes, self.accelerator.process_index
-        accumulation = self.config.gradient_accumulation_steps
-        indices = stream.take(size * world * accumulation)
-        slots = [indices[slot * size : (slot + 1) * size] for slot in range(world * accumulation)]
-        batches = []
-        for micro in range(accumulation):
-            batch = self.collate([stream.dataset[i] for i in slots[micro * world + rank]])
-            report = getattr(stream.dataset, "report", None)
-            if report is not None:
-                report.add_batch(batch)
-            batches.append(batch)
-        return batches, slots
-
-    def _stand_in(self, stream: DataStream, slots: list[list[int]]):
-        """Under DeepSpeed every process runs the model in every micro-batch (the engine reduces gradients in the
-        order they come, and ZeRO-3 parameters exist whole only inside the forward): an empty micro-batch is replaced
-        by another slot of the same step, whose loss is then weighted 0."""
-        for rows in slots:
-            batch = self.collate([stream.dataset[i] for i in rows])
-            if len(batch):
-                return batch
-        raise PeftVlmError(
-            f"every row of the {stream.name} batch of step {self.step} was skipped as bad (data.bad_samples: skip); "
-            "under DeepSpeed a step needs at least one good row: check the data, or train without DeepSpeed"
-        )
-
     def _train_step(self, stream: DataStream) -> dict[str, float]:
-        parameters = self.stream_parameters[stream.name]
+        backend, device = self.backend, self.accelerator.device
         factor = self.lr_factor(self.step)
-        for group in self._optimizer_groups(stream.name):
+        for group in backend.param_groups(stream.name):
             group["lr"] = group["initial_lr"] * factor
-        batches, slots = self._micro_batches(stream)
-        device = self.accelerator.device
+        batches, slots = micro_batches(stream, self.collate, self.config, self.accelerator.num_processes,
+                                       self.accelerator.process_index)
         total_loss, tokens, finite = torch.zeros((), device=device), 0, True
-        with self._others_frozen(stream):
+        with backend.training(stream.name):
             for micro, batch in enumerate(batches):
                 last = micro == len(batches) - 1
-                with self._sync(last), self.accelerator.autocast():
+                with backend.sync(last), self.accelerator.autocast():
                     if len(batch):
-                        loss = self.model(**{k: v.to(device) for k, v in batch.items()}).loss
+                        loss = self._loss(batch)
                         tokens += int(batch["attention_mask"].sum())
-                    elif self.deepspeed:
-                        stand_in = self._stand_in(stream, slots)
-                        loss = self.model(**{k: v.to(device) for k, v in stand_in.items()}).loss * 0
-                    else:  # every row of this micro-batch was skipped; keep the collective backward in step
-                        loss = sum((p * 0).sum() for p in parameters)
-                    if not torch.isfinite(loss):
-                        finite = False
-                        if not self.deepspeed:  # under DeepSpeed it goes backward: no group steps, the engine drops the grads
-                            loss = sum((p * 0).sum() for p in parameters)
-                    if last:  # known before the last backward, which under DeepSpeed also steps
+                    else:  # every row of this micro-batch was skipped as bad
+                        loss = backend.empty_loss(self.stream_parameters[stream.name],
+                                                  lambda: self._loss(stand_in_batch(stream, self.collate, slots, self.step)))
+                    finite = finite and bool(torch.isfinite(loss))
+                    update = None
+                    if last:  # a step with a non-finite loss on any process updates nothing
                         all_finite = bool(self.accelerator.gather(torch.tensor([finite], device=device)).all())
-                        if self.deepspeed:
-                            self.optimizer.active = (stream.name,) if all_finite else ()
-                    # DeepSpeed divides by its gradient_accumulation_steps itself (set from the recipe)
-                    self.accelerator.backward(loss if self.deepspeed else loss / len(batches))
+                        update = (stream.name,) if all_finite else ()
+                    backend.backward(loss, len(batches), update)
                 total_loss += loss.detach().float() / len(batches)
-        if not self.deepspeed:
-            if all_finite:
-                if self.config.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(parameters, self.config.max_grad_norm)
-                self.optimizers[stream.name].step()
-            for other in self.optimizers.values():  # grads of groups not stepped must not leak into later steps
-                other.zero_grad(set_to_none=True)
+        backend.step()
         if all_finite:
             self.nonfinite_in_row = 0
         else:
@@ -285,43 +154,18 @@ class JointTrainer:
         return {"loss": mean_loss if all_finite else float("nan"), "tokens": tokens * self.accelerator.num_processes,
                 "lr": self.config.learning_rate * factor, "skipped": not all_finite}
 
-    def _optimizer_groups(self, stream: str) -> list[dict]:
-        if self.deepspeed:
-            return [group for group in self.optimizer.param_groups if group["stream"] == stream]
-        return self.optimizers[stream].param_groups
-
-    def _sync(self, last: bool):
-        if self.deepspeed:  # the engine reduces and steps at the end of accumulation
-            return self.accelerator.accumulate(self.model)
-        if last or self.config.sharding == "fsdp2":
-            return contextlib.nullcontext()
-        return self.accelerator.no_sync(self.model)
-
-    @contextlib.contextmanager
-    def _others_frozen(self, stream: DataStream):
-        """Under DeepSpeed the other streams' parameters get no gradient in this step, so that the engine's gradient
-        clipping measures this stream's gradients only (without DeepSpeed, `_train_step` clips them alone)."""
-        others = [p for name, ps in self.stream_parameters.items() if name != stream.name for p in ps] if self.deepspeed else []
-        for parameter in others:
-            parameter.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for parameter in others:
-                parameter.requires_grad_(True)
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**{k: v.to(self.accelerator.device) for k, v in batch.items()}).loss
 
     # -- the run ---------------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         config, accelerator = self.config, self.accelerator
         start = time.time()
-        if accelerator.is_main_process:
-            ckpt.remove_stale(config.output_dir, keep=config.keep_checkpoints)
-        accelerator.wait_for_everyone()
-        if config.resume and (latest := ckpt.latest_checkpoint(config.output_dir)) is not None:
-            self.load_checkpoint(latest)
-        if config.report_to:
-            accelerator.init_trackers("peft_vlm", config={k: str(v) for k, v in vars(config).items()})
-        progress = _progress_bar(config.max_steps, self.step, enabled=config.progress_bar and accelerator.is_main_process)
+        checkpoint = ckpt.resume_point(config.output_dir, accelerator, config.keep_checkpoints, resume=config.resume)
+        if checkpoint is not None:
+            self.load_checkpoint(checkpoint)
+        reporter = Reporter(config, accelerator, list(self.streams))
+        reporter.start(self.step)
         self.model.train()
         while self.step < config.max_steps:
             stream = self.stream_for(self.step)
@@ -330,11 +174,9 @@ class JointTrainer:
             self.history.append({"step": self.step, "stream": stream.name, "loss": metrics["loss"], "lr": metrics["lr"],
                                  "skipped": metrics["skipped"]})
             self.step += 1
-            tokens_per_second = metrics["tokens"] / max(time.time() - tick, 1e-9)
-            progress.update(1)
-            progress.set_postfix(loss=f"{metrics['loss']:.3f}", kind=stream.name, tok_s=f"{tokens_per_second:.0f}")
-            if config.report_to and (self.step % config.log_every == 0 or self.step == config.max_steps):
-                accelerator.log({f"loss/{stream.name}": metrics["loss"], "lr": metrics["lr"], "tokens_per_s": tokens_per_second}, step=self.step)
+            reporter.step(self.step, stream.name, metrics, time.time() - tick)
+            if self.callbacks and accelerator.is_main_process:
+                self._run_callbacks()
             if self.nonfinite_in_row >= config.max_nonfinite_steps:
                 path = self.save_checkpoint()
                 raise TrainingStopped(
@@ -343,21 +185,28 @@ class JointTrainer:
                 )
             if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < config.max_steps:
                 self.save_checkpoint()
-        progress.close()
+        reporter.close()
         self.save_checkpoint()
         adapter_path = self.save_adapter(Path(config.output_dir) / "adapter.safetensors")
-        if accelerator.is_main_process:
-            self.write_loss_curve(Path(config.output_dir) / "loss_curve.png")
-        accelerator.end_training()
+        reporter.finish(self.history)
         return TrainResult(self.step, self.history, self.skipped_steps, adapter_path, time.time() - start)
+
+    def _run_callbacks(self) -> None:
+        """Each callback gets the trainer after `self.step` optimizer steps (on the main process; the others wait
+        for it in the next step's collectives). What it does to the random generators or to the model's train/eval
+        mode is undone, so a run with callbacks trains exactly like one without."""
+        rng_tensors, rng_python = ckpt.rng_state()
+        try:
+            for callback in self.callbacks:
+                callback(self, self.step)
+        finally:
+            ckpt.set_rng_state(rng_tensors, rng_python)
+            self.model.train()
 
     # -- files -----------------------------------------------------------------------------------------------------
     def full_tensors(self) -> dict[str, torch.Tensor]:
-        """Every trained tensor in full, gathered from the shards where parameters are sharded (FSDP2, ZeRO-3; all
-        processes must call this; each gets the full tensors)."""
-        parameters = dict(self.unwrapped.named_parameters())
-        with ds.gathered(parameters[name] for name in self.trained_names):
-            return {name: _full(parameters[name]).cpu().clone() for name in self.trained_names}
+        """Every trained tensor in full (all processes must call this; each gets the full tensors)."""
+        return self.backend.full_tensors(self.trained_names)
 
     def save_adapter(self, path: Path) -> Path:
         tensors = self.full_tensors()
@@ -367,111 +216,22 @@ class JointTrainer:
         return Path(path)
 
     def save_checkpoint(self) -> Path:
-        folder = ckpt.checkpoint_dir(self.config.output_dir, self.step)
-        tensors = self.full_tensors()
-        optimizer_states = {name: self._optimizer_state(opt) for name, opt in self.optimizers.items()}
-        optimizer_tensors, param_groups = ckpt.flatten_optimizer_states(optimizer_states)
         state = {
             "step": self.step,
             "skipped_steps": self.skipped_steps,
             "nonfinite_in_row": self.nonfinite_in_row,
             "streams": {name: stream.cursor() for name, stream in self.streams.items()},
-            "param_groups": param_groups,
             "history": self.history,
-            "world_size": self.accelerator.num_processes,
-            "deepspeed": self.deepspeed,
         }
-        ckpt.write_checkpoint(
-            folder,
-            lambda path: write_adapter(path, tensors, self.metadata),
-            optimizer_tensors,
-            state,
-            rank=self.accelerator.process_index,
-            is_main=self.accelerator.is_main_process,
-            barrier=self.accelerator.wait_for_everyone,
-            write_shards=(lambda temporary: ds.save_state(self.model, temporary / "deepspeed")) if self.deepspeed else None,
-        )
-        if self.accelerator.is_main_process:
-            ckpt.remove_stale(self.config.output_dir, keep=self.config.keep_checkpoints)
-        return folder
+        return ckpt.save(self.config.output_dir, self.step, self.backend, self.full_tensors(), self.metadata, state,
+                         keep=self.config.keep_checkpoints)
 
-    def load_checkpoint(self, folder: Path) -> None:
-        from safetensors.torch import load_file
-
-        optimizer_tensors, state = ckpt.read_checkpoint(folder, self.accelerator.process_index)
-        if state.get("deepspeed", False) != self.deepspeed:
-            raise ConfigError(
-                f"checkpoint '{folder}' was written {'with' if state.get('deepspeed') else 'without'} DeepSpeed; resume "
-                f"it the same way, or start in a new output_dir (TrainConfig.output_dir={self.config.output_dir!r})"
-            )
-        if self.deepspeed:  # trained parameters and the partitioned optimizer state
-            ds.load_state(self.model, folder / "deepspeed")
-        else:
-            parameters = dict(self.unwrapped.named_parameters())
-            with torch.no_grad():
-                for name, tensor in load_file(str(folder / "adapter.safetensors")).items():
-                    _assign(parameters[name], tensor)
-            states = ckpt.unflatten_optimizer_states(optimizer_tensors, state["param_groups"])
-            for name, optimizer in self.optimizers.items():
-                self._load_optimizer_state(optimizer, states[name], parameters)
+    def load_checkpoint(self, checkpoint: Path | ckpt.Checkpoint) -> None:
+        """Continue from a checkpoint (a folder, or as `ckpt.read` returned it); every process must call this."""
+        if not isinstance(checkpoint, ckpt.Checkpoint):
+            checkpoint = ckpt.read(checkpoint, self.accelerator.process_index)
+        state = ckpt.load(checkpoint, self.backend, self.config.output_dir, self.trained_names)
         for name, cursor in state["streams"].items():
             self.streams[name].restore(cursor)
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
         self.nonfinite_in_row, self.history = state["nonfinite_in_row"], state["history"]
-
-    @staticmethod
-    def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-        states = {}
-        for group in optimizer.param_groups:
-            for name, parameter in zip(group["names"], group["params"]):
-                if parameter in optimizer.state:
-                    states[name] = {key: _full(value) for key, value in optimizer.state[parameter].items()}
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        return {"state": states, "param_groups": groups}
-
-    @staticmethod
-    def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, parameters: dict) -> None:
-        for group in optimizer.param_groups:
-            for name, parameter in zip(group["names"], group["params"]):
-                if name in saved["state"]:
-                    optimizer.state[parameter] = {key: _like(parameter, value) for key, value in saved["state"][name].items()}
-
-    def write_loss_curve(self, path: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        figure, axis = plt.subplots(figsize=(7, 4))
-        for name in self.streams:
-            points = [(h["step"], h["loss"]) for h in self.history if h["stream"] == name and not h["skipped"]]
-            if points:
-                axis.plot(*zip(*points), label=f"{name} batches", linewidth=1)
-        axis.set_xlabel("step")
-        axis.set_ylabel("loss")
-        axis.legend()
-        axis.grid(alpha=0.3)
-        figure.tight_layout()
-        figure.savefig(path, dpi=120)
-        plt.close(figure)
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
-
-
-def _like(parameter: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """A saved full tensor placed like `parameter` (sharded the same way under FSDP2); scalars (step) stay as saved."""
-    if isinstance(parameter, DTensor) and value.dim() > 0:
-        return distribute_tensor(value.to(parameter.dtype), parameter.device_mesh, parameter.placements)
-    return value.to(parameter.device) if value.dim() > 0 else value
-
-
-def _assign(parameter: torch.Tensor, value: torch.Tensor) -> None:
-    parameter.copy_(_like(parameter, value.to(parameter.dtype)))
-
-
-def _progress_bar(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="training", dynamic_ncols=True)
