@@ -215,8 +215,9 @@ def evaluation_precision(mixed_precision: str | None):
     return contextlib.nullcontext
 
 
-def accuracy_curve(eval_spec: dict, questions: list, output_dir: str, precision) -> list:
-    """The trainer callbacks of `eval.curve: {every, per_type}` (none without it)."""
+def accuracy_curve(model, eval_spec: dict, questions: list, output_dir: str, precision) -> list:
+    """The trainer callbacks of `eval.curve: {every, per_type}` (none without it); its first point is the model
+    before training."""
     curve = eval_spec.get("curve")
     if not curve or not questions:
         return []
@@ -224,6 +225,8 @@ def accuracy_curve(eval_spec: dict, questions: list, output_dir: str, precision)
 
     sample = evenly_by_type(questions, int(curve.get("per_type", 40)))
     tracker = AccuracyCurve(sample, int(curve["every"]), output_dir, batch_size=int(eval_spec.get("batch_size", 16)))
+    with precision():
+        tracker.measure(model, 0)
 
     def evaluate(trainer, step):
         with precision():
@@ -278,7 +281,7 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
         trainer = JointTrainer(
             model, config,
             data=datasets.get("train"), caption_data=datasets.get("captions"), instruction_data=datasets.get("instructions"),
-            callbacks=accuracy_curve(eval_spec, questions, config.output_dir, precision),
+            callbacks=accuracy_curve(model, eval_spec, questions, config.output_dir, precision),
         )
         result = trainer.train()
         for dataset in datasets.values():

@@ -27,7 +27,8 @@ def evenly_by_type(questions: Sequence[Question], per_type: int) -> list[Questio
 
 
 class AccuracyCurve:
-    """Calls `vqa_accuracy` on `questions` (real and grey image) after step 0 and every `every` steps."""
+    """`vqa_accuracy` on `questions` (real and grey image) every `every` steps and after the last one; `measure`
+    adds a point by hand (e.g. step 0, before training)."""
 
     def __init__(self, questions: Sequence[Question], every: int, output_dir: str | Path, batch_size: int = 32):
         self.questions, self.every, self.batch_size = list(questions), every, batch_size
@@ -37,12 +38,12 @@ class AccuracyCurve:
     def __call__(self, trainer, step: int) -> None:
         if step % self.every and step != trainer.config.max_steps:
             return
-        model = trainer.model
-        was_training = model.training
+        self.measure(trainer.unwrapped, step)
+
+    def measure(self, model, step: int) -> None:
         for image, replace in (("real", None), ("grey", grey_image(model))):
             accuracy = vqa_accuracy(model, self.questions, batch_size=self.batch_size, replace_image=replace)
             self.points.append({"step": step, "image": image, **accuracy.as_dict()})
-        model.train(was_training)
         self.write()
 
     def write(self) -> Path:
