@@ -143,7 +143,7 @@ def _json_field(raw: dict[str, str], key: str, kind: type, target: Path, require
     except json.JSONDecodeError as error:
         raise AdapterFileError(f"'{target}': metadata field '{key}' is not valid JSON ({error})") from None
     if not isinstance(value, kind):
-        raise AdapterFileError(f"'{target}': metadata field '{key}' must be a JSON {kind.__name__}, got {value!r:.80}")
+        raise AdapterFileError(f"'{target}': metadata field '{key}' must be a JSON {'list' if kind is list else 'object'}, got {value!r:.80}")
     return value
 
 
@@ -203,6 +203,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
     except Exception as error:  # safetensors raises its own error types for corrupt headers
         raise AdapterFileError(f"'{target}' is not a readable safetensors file: {error}") from None
     metadata = _check_metadata(raw, tensors, target)
+    _method_configs(metadata, target)  # each method's options: names, types, the config's own checks
     _check_tensors(tensors, target)
     return metadata, tensors
 
