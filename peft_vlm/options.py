@@ -91,13 +91,3 @@ def check_options(config_class: type, values: Any, where: str) -> dict[str, Any]
             raise ConfigError(f"{where}: {name}={value!r} is not valid; {name} takes {describe(known[name])}")
     return values
 
-
-def build(config_class: type, values: Any, where: str) -> Any:
-    """`config_class(**values)` after the type checks; its own range checks (ValueError, TypeError) name `where`."""
-    options = check_options(config_class, values, where)
-    try:
-        return config_class(**options)
-    except ConfigError as error:
-        raise ConfigError(f"{where}: {error}") from None
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"{where}: {error}") from None

@@ -154,9 +154,7 @@ def _check_metadata(raw: dict[str, str], tensors: dict[str, torch.Tensor], targe
         raise AdapterFileError(f"'{target}' is not a peft_vlm adapter file (format {raw.get('format')!r})")
     if "peft_vlm_version" not in raw:
         raise AdapterFileError(f"'{target}': metadata field 'peft_vlm_version' is missing")
-    methods = _json_field(raw, "methods", list, target)
-    if not methods:
-        raise AdapterFileError(f"'{target}': metadata field 'methods' lists no method")
+    methods = _json_field(raw, "methods", list, target)  # may be empty: a file of a trained connector alone
     for index, entry in enumerate(methods):
         fits = isinstance(entry, dict) and set(entry) == {"method", "config"}
         if not fits or not isinstance(entry["method"], str) or not isinstance(entry["config"], dict):

@@ -37,7 +37,6 @@ def rewrite(path, target, tensors=None, **fields):
 MALFORMED = {
     "methods not JSON": ("methods", "[{", "field 'methods' is not valid JSON"),
     "methods not a list": ("methods", {"method": "lora"}, "field 'methods' must be a JSON list"),
-    "methods empty": ("methods", [], "field 'methods' lists no method"),
     "method entry a string": ("methods", ["lora"], "field 'methods' entry #1 must be"),
     "method entry without config": ("methods", [{"method": "lora"}], "field 'methods' entry #1 must be"),
     "config not a mapping": ("methods", [{"method": "lora", "config": [4]}], "field 'methods' entry #1 must be"),
