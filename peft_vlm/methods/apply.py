@@ -74,8 +74,8 @@ def rollback_on_error(model: nn.Module) -> Iterator[None]:
     check has passed."""
     state = state_of(model, create=False)
     objects = list(model.modules())
-    configs = (getattr(module, "config", None) for module in objects)
-    objects += list({id(c): c for c in configs if c is not None and not isinstance(c, nn.Module) and hasattr(c, "__dict__")}.values())
+    configs = {id(c): c for c in (getattr(m, "config", None) for m in objects) if hasattr(c, "__dict__")}
+    objects += [c for c in configs.values() if not isinstance(c, nn.Module)]  # e.g. the attention implementation
     if state is not None:
         objects += [state, *[entry.method for entry in state.applied if entry.method is not None]]
         objects += [state.context] if state.context is not None else []
@@ -100,7 +100,8 @@ def apply(model: nn.Module, *configs: Any) -> nn.Module:
     """
     language_model = language_model_of(model)
     methods = [method_for_config(config)(config) for spec in configs for config in _resolve(spec)]
-    applied = list(state_of(model, create=False).names()) if state_of(model, create=False) else []
+    state = state_of(model, create=False)
+    applied = state.names() if state is not None else []
     for method in methods:  # every name, option and combination is checked before the model is touched
         _check_compatible(model, method, applied)
         applied.append(method.name)

@@ -168,3 +168,18 @@ def test_a_refused_load_leaves_the_model_as_it_was_and_a_retry_works(case, vlm_f
     pv.load_adapter(model, good)
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, trained(**batch).logits)
+
+
+def test_unmerge_that_fails_half_way_merges_back_what_it_had_unmerged(vlm_factory, batch, monkeypatch):
+    from peft_vlm.methods.lora import LoraMethod
+
+    model = pv.merge(pv.apply(vlm_factory(), peft.LoraConfig(**LORA), pv.BiasScaleConfig()))
+    before = snapshot(model)
+    with torch.no_grad():
+        merged_logits = model(**batch).logits
+    monkeypatch.setattr(LoraMethod, "unmerge", lambda self, model: (_ for _ in ()).throw(RuntimeError("disk on fire")))
+    with pytest.raises(RuntimeError, match="disk on fire"):  # bias/scale (unmerged first, in reverse order) merges again
+        pv.unmerge(model)
+    assert snapshot(model)["modules"] == before["modules"] and is_merged(model) == ["lora", "bias_scale"]
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, merged_logits, atol=1e-5)
