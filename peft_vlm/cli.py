@@ -73,8 +73,10 @@ def _train(arguments: argparse.Namespace) -> None:
 def _model_for(adapter: str, recipe_path: str | None, overrides: list[str]):
     """A fresh base as the adapter file describes it (or as a recipe's model section says), with the adapter loaded."""
     from peft_vlm.methods.adapter_file import load_adapter, read_adapter
-    from peft_vlm.errors import AdapterFileError
-    from peft_vlm.recipes import apply_override, build_model, load_recipe
+    from peft_vlm.errors import AdapterFileError, ConfigError
+    from peft_vlm.model.vision_towers import refuse_pickle_weights
+    from peft_vlm.options import check_options
+    from peft_vlm.recipes import ModelSection, apply_override, build_model, load_recipe
 
     if recipe_path:
         spec = load_recipe(recipe_path, overrides).get("model") or {}
@@ -82,6 +84,12 @@ def _model_for(adapter: str, recipe_path: str | None, overrides: list[str]):
         metadata, _ = read_adapter(adapter)
         if "base_model" not in metadata:
             raise AdapterFileError(f"'{adapter}' does not say how to build its base; pass --recipe")
+        where = f"'{adapter}': metadata field 'base_model'"
+        try:
+            check_options(ModelSection, metadata["base_model"], where)
+        except ConfigError as error:
+            raise AdapterFileError(str(error)) from None
+        refuse_pickle_weights(metadata["base_model"], where)  # before anything is loaded
         spec = {"model": metadata["base_model"]}
         for override in overrides:
             apply_override(spec, override)

@@ -24,12 +24,14 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from peft_vlm.errors import ConfigError
+from peft_vlm.options import check_options
 
 EMBEDDED = "embedded"
 
@@ -47,30 +49,166 @@ _Loader.add_implicit_resolver(
 
 def _yaml(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def _one_line(error: yaml.YAMLError) -> str:
+    """A YAML error as one line: the problem and where it is."""
+    problem, mark = getattr(error, "problem", None), getattr(error, "problem_mark", None)
+    if problem and mark:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(error).split())
+
+
 STREAMS = ("train", "captions", "instructions")
+SECTIONS = ("name", "description", "paper", "hardware", "model", "methods", "data", "train", "stages", "eval", "full")
+
+
+# What each section accepts, as typed fields (checked by `validate_recipe` before anything is built).
+@dataclass
+class ModelSection:
+    language_model: str | None = None
+    vision: str | list | None = None  # an open_clip/timm name, "embedded", or two towers (names or mappings)
+    vision_pretrained: str | None = None
+    connector: str | None = None
+    load_in_4bit: bool | None = None
+    vision_options: dict | None = None
+    dtype: str | None = None
+    train_vision_tower: bool | None = None
+    image_boundaries: tuple[str, str] | None = None
+    use_chat_template: bool | None = None
+    attn_implementation: str | None = None  # e.g. "eager": plain matmuls (faster than CPU SDPA in bf16)
+
+
+@dataclass
+class DataSection:
+    train: dict | None = None
+    captions: dict | None = None
+    instructions: dict | None = None
+    resize: str | None = None
+    max_length: int | None = None
+    bad_samples: str | None = None
+    image_root: str | None = None
+
+
+@dataclass
+class StreamSection:
+    format: str | None = None
+    path: str | None = None
+    split: str | None = None
+    limit: int | None = None
+    options: dict | None = None
+    image_root: str | None = None
+    bad_samples: str | None = None
+
+
+@dataclass
+class EvalSection:
+    format: str | None = None
+    path: str | None = None
+    split: str | None = None
+    limit: int | None = None
+    image_root: str | None = None
+    grey_image: bool = False
+    zero_shot: bool = False
+    text_only_ceiling: bool = False
+    verify_reload: bool | int = False  # true: every question; N: the first N
+    batch_size: int | None = None
+    curve: dict | None = None  # {every: N, per_type: M}: accuracy against steps, accuracy_curve.png
+
+
+@dataclass
+class StageSection:
+    name: str | None = None
+    methods: list | None = None
+    data: dict | None = None
+    train: dict | None = None
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] = (), full: bool = False) -> dict[str, Any]:
+    """The recipe at `path` with `--full` and `--set` overrides applied, validated (see `validate_recipe`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no recipe file at '{path}'")
     try:
         recipe = _yaml(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"recipe '{path}' is not valid YAML: {error}") from None
+        raise ConfigError(f"recipe '{path}' is not valid YAML: {_one_line(error)}") from None
     if not isinstance(recipe, dict):
         raise ConfigError(f"recipe '{path}' must be a mapping of sections (model, methods, data, train, eval)")
-    sections = {"name", "description", "paper", "hardware", "model", "methods", "data", "train", "stages", "eval", "full"}
-    unknown = sorted(set(recipe) - sections)
-    if unknown:
-        raise ConfigError(f"recipe '{path}': unknown section(s) {', '.join(unknown)}")
+    _check_sections(recipe, f"recipe '{path}'")
     longer = recipe.pop("full", None) or {}
+    if not isinstance(longer, dict):
+        raise ConfigError(f"recipe '{path}': the 'full' section must map section.key to a value, got {longer!r}")
     if full and not longer:
         raise ConfigError(f"recipe '{path}' has no 'full' section for --full")
     for override in [*(f"{key}={json.dumps(value)}" for key, value in longer.items() if full), *overrides]:
         apply_override(recipe, override)
     recipe.setdefault("name", path.stem)
+    validate_recipe(recipe, f"recipe '{path}'")
     return recipe
+
+
+def _check_sections(recipe: dict, where: str) -> None:
+    unknown = sorted(set(recipe) - set(SECTIONS), key=str)
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {', '.join(map(str, unknown))}; sections: {', '.join(SECTIONS)}")
+
+
+def _mapping(value: Any, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping of option: value, got {value!r}")
+    return value
+
+
+def validate_recipe(recipe: dict, where: str = "recipe") -> None:
+    """Check every section of a recipe: names, types and ranges of every option, each stage's methods, data and
+    training options, and the eval section. Nothing is built; each error is a ConfigError naming the key."""
+    from peft_vlm.training.config import TrainConfig
+
+    _check_sections(recipe, where)
+    if not isinstance(recipe.get("name"), str):
+        raise ConfigError(f"{where}: name must be a string, got {recipe.get('name')!r}")
+    check_options(ModelSection, _mapping(recipe.get("model"), f"{where}, model section"), f"{where}, model section")
+    check_options(EvalSection, _mapping(recipe.get("eval"), f"{where}, eval section"), f"{where}, eval section")
+    listed = recipe.get("stages") or []
+    if not isinstance(listed, list):
+        raise ConfigError(f"{where}: stages must be a list of {{name, methods, data, train}}, got {listed!r}")
+    for index, stage in enumerate(listed):
+        check_options(StageSection, _mapping(stage, f"{where}, stage #{index + 1}"), f"{where}, stage #{index + 1}")
+    for section in ("data", "train"):
+        _mapping(recipe.get(section), f"{where}, {section} section")
+    all_stages = stages(recipe)
+    for stage in all_stages:
+        at = f"{where}, stage '{stage['name']}'" if recipe.get("stages") else where
+        method_specs(stage["methods"], f"{at}, methods")
+        data = check_options(DataSection, _mapping(stage["data"], f"{at}, data section"), f"{at}, data section")
+        for stream in STREAMS:
+            if data.get(stream) is not None:
+                check_options(StreamSection, data[stream], f"{at}, data.{stream}")
+        train = {**(stage["train"] or {}), "output_dir": str(output_dir_of(recipe, stage, len(all_stages)))}
+        try:
+            TrainConfig.from_dict(train)
+        except ConfigError as error:
+            raise ConfigError(f"{at}, train section: {error}") from None
+
+
+def output_dir_of(recipe: dict, stage: dict, count: int) -> Path:
+    """Where a stage writes its checkpoints and adapter: train.output_dir, with one folder per stage if several."""
+    root = Path((recipe.get("train") or {}).get("output_dir", f"out/{recipe['name']}"))
+    return root / stage["name"] if count > 1 else root
+
+
+def check_recipe(recipe: dict) -> None:
+    """Everything `run_recipe` can check before it builds a model: the recipe, and that every output folder can be
+    written (a run must not learn at its first checkpoint, or its end, that its results cannot be saved)."""
+    from peft_vlm.training.config import check_output_dir
+
+    validate_recipe(recipe, f"recipe '{recipe.get('name', '?')}'")
+    all_stages = stages(recipe)
+    for stage in all_stages:
+        check_output_dir(output_dir_of(recipe, stage, len(all_stages)))
 
 
 def apply_override(recipe: dict, override: str) -> None:
@@ -85,13 +223,19 @@ def apply_override(recipe: dict, override: str) -> None:
         if isinstance(node, list) and part.isdigit() and int(part) < len(node):
             node = node[int(part)]
         elif isinstance(node, dict):
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # a missing or empty (null) section
+                node[part] = {}
+            node = node[part]
         else:
             raise ConfigError(f"override '{override}': '{part}' is not a section")
+    try:
+        value = _yaml(value)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override '{override}': the value is not valid YAML ({_one_line(error)})") from None
     if isinstance(node, list) and leaf.isdigit() and int(leaf) < len(node):
-        node[int(leaf)] = _yaml(value)
+        node[int(leaf)] = value
     elif isinstance(node, dict):
-        node[leaf] = _yaml(value)
+        node[leaf] = value
     else:
         raise ConfigError(f"override '{override}': cannot set '{leaf}' there")
 
@@ -121,27 +265,28 @@ def build_model(spec: dict):
                 f"tower) cannot be one of them; use {EMBEDDED!r} or open_clip model names in the list"
             )
         vision = [register_default_vision() if tower == EMBEDDED else tower for tower in vision]
-    known = {"vision_pretrained", "connector", "load_in_4bit", "vision_options", "dtype", "train_vision_tower",
-             "image_boundaries", "use_chat_template", "attn_implementation"}
-    unknown = sorted(set(spec) - known)
-    if unknown:
-        raise ConfigError(f"model section: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    check_options(ModelSection, spec, "model section")
     return VisionLanguageModel.from_pretrained(language_model, vision=vision, **spec)
 
 
-def method_specs(entries: list) -> list:
-    """Presets/method names stay strings; {method: NAME, ...} mappings become method configs."""
-    from peft_vlm.methods.registry import get_method
+def method_specs(entries: list, where: str = "methods") -> list:
+    """Presets/method names stay strings (checked to exist); {method: NAME, ...} mappings become method configs."""
+    from peft_vlm.methods.presets import available_presets
+    from peft_vlm.methods.registry import available_methods, config_from_entry
 
+    if entries is not None and not isinstance(entries, list):
+        raise ConfigError(f"{where}: expected a list of presets, method names or {{method: NAME, ...}}, got {entries!r}")
     specs = []
-    for entry in entries or []:
+    for index, entry in enumerate(entries or []):
         if isinstance(entry, str):
+            if entry not in available_presets() and entry not in available_methods():
+                raise ConfigError(f"{where}: unknown method or preset '{entry}'; presets: {', '.join(available_presets())}; "
+                                  f"methods: {', '.join(sorted(available_methods()))}")
             specs.append(entry)
-        elif isinstance(entry, dict) and "method" in entry:
-            options = dict(entry)
-            specs.append(get_method(options.pop("method")).config_from_dict(options))
+        elif isinstance(entry, dict):
+            specs.append(config_from_entry(entry, f"{where} #{index + 1}"))
         else:
-            raise ConfigError(f"methods: each entry is a preset or method name, or a mapping with 'method'; got {entry!r}")
+            raise ConfigError(f"{where}: each entry is a preset or method name, or a mapping with 'method'; got {entry!r}")
     return specs
 
 
@@ -171,15 +316,15 @@ def stages(recipe: dict) -> list[dict]:
     result = []
     for index, stage in enumerate(recipe["stages"]):
         data = dict(base["data"] or {})
-        if any(stream in stage.get("data", {}) for stream in STREAMS):  # a stage's streams replace the recipe's
+        if any(stream in (stage.get("data") or {}) for stream in STREAMS):  # a stage's streams replace the recipe's
             data = {key: value for key, value in data.items() if key not in STREAMS}
-        data.update(stage.get("data", {}))
+        data.update(stage.get("data") or {})
         result.append({
             "name": stage.get("name", f"stage{index + 1}"),
             # the recipe's own methods come with the first stage; later stages add theirs
-            "methods": ([] if index else list(base["methods"] or [])) + list(stage.get("methods", [])),
+            "methods": ([] if index else list(base["methods"] or [])) + list(stage.get("methods") or []),
             "data": data,
-            "train": {**(base["train"] or {}), **stage.get("train", {})},
+            "train": {**(base["train"] or {}), **(stage.get("train") or {})},
         })
     return result
 
@@ -248,6 +393,7 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
     from peft_vlm.training import JointTrainer, TrainConfig
     from peft_vlm.evaluation import vqa
 
+    check_recipe(recipe)
     start = time.time()
     figures: dict[str, Any] = {"recipe": recipe["name"]}
     # The connector's and the methods' initial weights come from the global generators: seed them first, so a
@@ -263,7 +409,6 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
             figures["zero_shot"] = answer(model, questions, progress=True)
         log(f"zero-shot (untouched model): {figures['zero_shot']}")
     all_stages = stages(recipe)
-    output_root = Path((recipe.get("train") or {}).get("output_dir", f"out/{recipe['name']}"))
     result = None
     for stage in all_stages:
         apply(model, *method_specs(stage["methods"]))
@@ -275,7 +420,7 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
         if data:
             raise ConfigError(f"data section: unknown option(s) {', '.join(sorted(data))}")
         train_options = dict(stage["train"] or {})
-        train_options["output_dir"] = str(output_root / stage["name"]) if len(all_stages) > 1 else str(output_root)
+        train_options["output_dir"] = str(output_dir_of(recipe, stage, len(all_stages)))
         config = TrainConfig.from_dict(train_options)
         log(f"stage {stage['name']}:\n{trainable_summary(model)}")
         trainer = JointTrainer(

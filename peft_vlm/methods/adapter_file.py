@@ -18,9 +18,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from peft_vlm.version import __version__
-from peft_vlm.errors import AdapterFileError, AdapterMismatchError
-from peft_vlm.methods.apply import apply
-from peft_vlm.methods.registry import get_method
+from peft_vlm.errors import AdapterFileError, AdapterMismatchError, ConfigError, UnknownMethodError
+from peft_vlm.methods.apply import apply, is_merged, rollback_on_error
+from peft_vlm.methods.registry import config_from_entry
 from peft_vlm.runtime.lm_layers import is_vision_language_model, language_model_of
 from peft_vlm.runtime.tracking import named_tracked_parameters, state_of
 
@@ -88,6 +88,12 @@ def adapter_metadata(model: nn.Module) -> dict[str, str]:
     state = state_of(model, create=False)
     if state is None or not state.applied:
         raise AdapterFileError("save_adapter: the model has no methods applied (use pv.apply first)")
+    merged = is_merged(model)
+    if merged:
+        raise AdapterFileError(
+            f"save_adapter: method(s) {', '.join(merged)} are merged into the base weights, so the file would miss "
+            f"their weights; call pv.unmerge(model) first (and pv.merge again after saving)"
+        )
     groups = {name: f"{entry.name}/{group}" for name, (_, entry, group) in named_tracked_parameters(model).items()}
     methods = [{"method": entry.name, "config": entry.method.config_to_dict()} for entry in state.methods()]
     metadata = {
@@ -122,8 +128,69 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     return write_adapter(path, tensors, metadata)
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+def _json_field(raw: dict[str, str], key: str, kind: type, target: Path, required: bool = True) -> Any:
+    """Metadata field `key` decoded from JSON and checked to be a `kind` (list or dict)."""
+    if key not in raw:
+        if required:
+            raise AdapterFileError(f"'{target}': metadata field '{key}' is missing")
+        return None
+    try:
+        value = json.loads(raw[key])
+    except json.JSONDecodeError as error:
+        raise AdapterFileError(f"'{target}': metadata field '{key}' is not valid JSON ({error})") from None
+    if not isinstance(value, kind):
+        raise AdapterFileError(f"'{target}': metadata field '{key}' must be a JSON {'list' if kind is list else 'object'}, got {value!r:.80}")
+    return value
+
+
+def _check_metadata(raw: dict[str, str], tensors: dict[str, torch.Tensor], target: Path) -> dict[str, Any]:
+    """The file's metadata, every field checked against what `adapter_metadata` writes; an AdapterFileError names
+    the first field that does not fit."""
+    if raw.get("format") != FORMAT:
+        raise AdapterFileError(f"'{target}' is not a peft_vlm adapter file (format {raw.get('format')!r})")
+    if "peft_vlm_version" not in raw:
+        raise AdapterFileError(f"'{target}': metadata field 'peft_vlm_version' is missing")
+    methods = _json_field(raw, "methods", list, target)  # may be empty: a file of a trained connector alone
+    for index, entry in enumerate(methods):
+        fits = isinstance(entry, dict) and set(entry) == {"method", "config"}
+        if not fits or not isinstance(entry["method"], str) or not isinstance(entry["config"], dict):
+            raise AdapterFileError(f"'{target}': metadata field 'methods' entry #{index + 1} must be "
+                                   f"{{\"method\": NAME, \"config\": {{...}}}}, got {entry!r:.80}")
+    groups = _json_field(raw, "groups", dict, target)
+    if not all(isinstance(owner, str) and "/" in owner for owner in groups.values()):
+        raise AdapterFileError(f"'{target}': metadata field 'groups' must map each tensor to 'method/group'")
+    if set(groups) != set(tensors):
+        odd = sorted(set(groups) ^ set(tensors))[:3]
+        raise AdapterFileError(f"'{target}': metadata field 'groups' does not name the file's tensors (e.g. {odd})")
+    base = _json_field(raw, "base", dict, target)
+    for key, value in base.items():
+        expected = (str,) if key in ("model_type", "vision", "connector") else (str, type(None)) if key == "weights" \
+            else (int,) if key in CONFIG_KEYS else JSON_SCALARS
+        if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+            raise AdapterFileError(f"'{target}': metadata field 'base' has {key}={value!r:.80}, not a valid value")
+    base_model = _json_field(raw, "base_model", dict, target, required=False)
+    metadata = {**raw, "methods": methods, "groups": groups, "base": base}
+    if base_model is not None:
+        metadata["base_model"] = base_model
+    return metadata
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], target: Path) -> None:
+    """Trained parameters are floating point and finite: anything else would be cast, or spread NaN, silently."""
+    for name, tensor in tensors.items():
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise AdapterFileError(f"'{target}': tensor '{name}' has dtype {str(tensor.dtype).replace('torch.', '')}; "
+                                   f"adapter tensors are float16, bfloat16, float32 or float64")
+        if not bool(torch.isfinite(tensor).all()):
+            raise AdapterFileError(f"'{target}': tensor '{name}' holds NaN or infinite values")
+
+
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(metadata with JSON fields decoded, tensors) of an adapter file."""
+    """(metadata with JSON fields decoded and checked, tensors checked) of an adapter file."""
     target = _adapter_path(path)
     if not target.is_file():
         raise AdapterFileError(f"no adapter file at '{target}'")
@@ -133,38 +200,52 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:  # safetensors raises its own error types for corrupt headers
         raise AdapterFileError(f"'{target}' is not a readable safetensors file: {error}") from None
-    if raw.get("format") != FORMAT:
-        raise AdapterFileError(f"'{target}' is not a peft_vlm adapter file (format {raw.get('format')!r})")
-    metadata = dict(raw)
-    for key in ("methods", "groups", "base", "base_model"):
-        if key in raw:
-            metadata[key] = json.loads(raw[key])
+    metadata = _check_metadata(raw, tensors, target)
+    _method_configs(metadata, target)  # each method's options: names, types, the config's own checks
+    _check_tensors(tensors, target)
     return metadata, tensors
 
 
+def _method_configs(metadata: dict[str, Any], target: Path) -> list[Any]:
+    configs = []
+    for index, entry in enumerate(metadata["methods"]):
+        where = f"'{target}': metadata field 'methods' entry #{index + 1}"
+        try:
+            configs.append(config_from_entry({**entry["config"], "method": entry["method"]}, where))
+        except ConfigError as error:
+            raise AdapterFileError(str(error)) from None
+        except UnknownMethodError as error:
+            raise UnknownMethodError(f"{where}: {error}") from None
+    return configs
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
-    """Apply the file's methods to a fresh base and load its tensors; refuses a base the adapter does not fit."""
-    metadata, tensors = read_adapter(path)
-    configs = [get_method(entry["method"]).config_from_dict(entry["config"]) for entry in metadata["methods"]]
-    apply(model, *configs)
-    differences = _describe_difference(metadata["base"], fingerprint(model))
-    if differences and strict:
-        raise AdapterMismatchError(
-            f"adapter '{_adapter_path(path)}' does not fit this base model: " + "; ".join(differences)
-        )
-    parameters = {name: parameter for name, (parameter, _, _) in named_tracked_parameters(model).items()}
-    missing, unexpected = sorted(set(parameters) - set(tensors)), sorted(set(tensors) - set(parameters))
-    if unexpected or (missing and strict):
-        raise AdapterMismatchError(
-            f"adapter '{_adapter_path(path)}' does not match the model's trainable parameters: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-        )
-    with torch.no_grad():
+    """Apply the file's methods to a fresh base and load its tensors; refuses a base the adapter does not fit.
+
+    The file is read and checked before the model is touched; a refusal after that (a base, tensor name or shape
+    that does not fit) takes the methods off again, so the model is left as it was and a retry can succeed."""
+    target = _adapter_path(path)
+    metadata, tensors = read_adapter(target)
+    configs = _method_configs(metadata, target)
+    with rollback_on_error(model):
+        apply(model, *configs)
+        differences = _describe_difference(metadata["base"], fingerprint(model))
+        if differences and strict:
+            raise AdapterMismatchError(f"adapter '{target}' does not fit this base model: " + "; ".join(differences))
+        parameters = {name: parameter for name, (parameter, _, _) in named_tracked_parameters(model).items()}
+        missing, unexpected = sorted(set(parameters) - set(tensors)), sorted(set(tensors) - set(parameters))
+        if unexpected or (missing and strict):
+            raise AdapterMismatchError(
+                f"adapter '{target}' does not match the model's trainable parameters: "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            )
         for name, tensor in tensors.items():
-            target = parameters[name]
-            if target.shape != tensor.shape:
-                raise AdapterMismatchError(f"'{name}': adapter has shape {tuple(tensor.shape)}, model {tuple(target.shape)}")
-            target.copy_(tensor.to(target.dtype))
+            if parameters[name].shape != tensor.shape:
+                raise AdapterMismatchError(
+                    f"adapter '{target}': '{name}' has shape {tuple(tensor.shape)}, model {tuple(parameters[name].shape)}")
+        with torch.no_grad():  # last, once everything fits: some parameters are the base's own (unfrozen norms)
+            for name, tensor in tensors.items():
+                parameters[name].copy_(tensor.to(parameters[name].dtype))
     return model
 
 

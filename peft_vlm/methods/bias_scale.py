@@ -113,6 +113,10 @@ class BiasScaleMethod(Method):
         self.hooks.pop(id(linear)).remove()
         del linear._modules[SUBMODULE]
 
+    def check_merge(self, model: nn.Module) -> None:
+        if any(bool((bias_scale.scale == 0).any()) for _, bias_scale in self.layers):
+            raise NotMergeableError("bias/scale has a zero scale: merging it could not be undone")
+
     @torch.no_grad()
     def merge(self, model: nn.Module) -> None:
         if self.merged:
@@ -121,8 +125,7 @@ class BiasScaleMethod(Method):
             warnings.warn("bias/scale stays unmerged: folding it into quantized weights would re-quantize them (lossy)",
                           stacklevel=3)
             return
-        if any(bool((bias_scale.scale == 0).any()) for _, bias_scale in self.layers):
-            raise NotMergeableError("bias/scale has a zero scale: merging it could not be undone")
+        self.check_merge(model)
         for linear, bias_scale in self.layers:
             scale, bias = bias_scale.scale.to(linear.weight.dtype), bias_scale.bias.to(linear.weight.dtype)
             self.had_bias[id(linear)] = linear.bias is not None

@@ -46,6 +46,10 @@ class LoraMethod(Method):
         super().__init__(config)
         self.unplugged: list[tuple[nn.Module, str, LoraLayer]] = []  # merged layers out of the model, for unmerge
 
+    @property
+    def merged(self) -> bool:
+        return bool(self.unplugged)
+
     def _lora_layers(self, model: nn.Module) -> list[LoraLayer]:
         return [m for m in language_model_of(model).modules() if isinstance(m, LoraLayer)]
 

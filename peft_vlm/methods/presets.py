@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from peft_vlm.errors import UnknownMethodError
-from peft_vlm.methods.registry import get_method
+from peft_vlm.errors import ConfigError, UnknownMethodError
+from peft_vlm.methods.registry import config_from_entry
 
 PRESET_PACKAGE = "peft_vlm.adapters"
 
@@ -32,15 +32,11 @@ def load_preset(name: str) -> list[Any]:
     files = _preset_files()
     if name not in files:
         raise UnknownMethodError(f"unknown preset '{name}'; available presets: {', '.join(sorted(files))}")
-    spec = yaml.safe_load(files[name].read_text())
-    configs = []
-    for index, entry in enumerate(spec.get("methods", [])):
-        options = dict(entry)
-        method_name = options.pop("method", None)
-        if method_name is None:
-            raise UnknownMethodError(f"preset '{name}', method #{index + 1}: missing the 'method' key")
-        configs.append(get_method(method_name).config_from_dict(options))
-    return configs
+    spec = yaml.safe_load(files[name].read_text()) or {}
+    entries = spec.get("methods") if isinstance(spec, dict) else None
+    if not isinstance(entries, list):
+        raise ConfigError(f"preset '{name}': expected 'methods:' with a list of method entries")
+    return [config_from_entry(entry, f"preset '{name}', method #{index + 1}") for index, entry in enumerate(entries)]
 
 
 def preset_card(name: str) -> str:

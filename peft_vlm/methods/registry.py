@@ -13,7 +13,8 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from peft_vlm.errors import NotMergeableError, UnknownMethodError
+from peft_vlm.errors import ConfigError, NotMergeableError, UnknownMethodError
+from peft_vlm.options import check_options
 
 ENTRY_POINT_GROUP = "peft_vlm.methods"
 
@@ -29,7 +30,11 @@ BUILTIN_METHODS = {
 
 
 class Method:
-    """Attach one method to a model. Subclasses set `name` and `config_class` and implement `attach`."""
+    """Attach one method to a model. Subclasses set `name` and `config_class` and implement `attach`.
+
+    A mergeable method implements `merge` and `unmerge`, sets `merged` (whether its weights are folded in now), and
+    may implement `check_merge` to refuse before any method of the model is merged.
+    """
 
     name: ClassVar[str]
     config_class: ClassVar[type]
@@ -53,6 +58,9 @@ class Method:
     def unmerge(self, model: nn.Module) -> None:
         raise NotMergeableError(f"method '{self.name}' cannot be merged into the base weights")
 
+    def check_merge(self, model: nn.Module) -> None:
+        """Raise NotMergeableError if `merge` would refuse; called for every method before any is merged."""
+
     @property
     def mergeable(self) -> bool:
         return type(self).merge is not Method.merge
@@ -70,6 +78,28 @@ class Method:
                 f"method '{cls.name}' has no option(s) {', '.join(unknown)}; known options: {', '.join(sorted(known))}"
             )
         return cls.config_class(**values)
+
+
+def config_from_entry(entry: Any, where: str) -> Any:
+    """The method config of a preset, recipe or adapter-file entry: `{method: NAME, option: value, ...}`.
+
+    The method name, each option's name and type, and the config's own checks are verified here, the one place
+    every entry passes through; each error is a ConfigError that starts with `where` and names the option.
+    """
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: expected a mapping {{method: NAME, option: value, ...}}, got {entry!r}")
+    options = dict(entry)
+    name = options.pop("method", None)
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: 'method' must name a method, got {name!r}; methods: {', '.join(sorted(available_methods()))}")
+    method_class = get_method(name)
+    where = f"{where} ({name})"
+    if dataclasses.is_dataclass(method_class.config_class):
+        check_options(method_class.config_class, options, where)
+    try:
+        return method_class.config_from_dict(options)
+    except (TypeError, ValueError, UnknownMethodError) as error:  # the config class's own checks
+        raise ConfigError(f"{where}: {error}") from None
 
 
 _registry: dict[str, type[Method]] = {}

@@ -19,6 +19,27 @@ from torch.nn import functional as F
 from peft_vlm.errors import ConfigError, ModelLoadError
 
 TIMM_PREFIX = "timm:"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+
+
+def refuse_pickle_weights(value, where: str) -> None:
+    """Refuse a model description (any nesting of mappings and lists) that names a weights file other than
+    safetensors, or a folder holding pickled weights and no safetensors: open_clip, timm and transformers read those
+    with `torch.load`. Descriptions read from adapter files pass through here before anything is loaded."""
+    if isinstance(value, dict):
+        for item in value.values():
+            refuse_pickle_weights(item, where)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            refuse_pickle_weights(item, where)
+    elif isinstance(value, str) and value:
+        pickled = value.lower().endswith(PICKLE_SUFFIXES) or (os.path.isfile(value) and not value.endswith(".safetensors"))
+        if os.path.isdir(value):
+            names = os.listdir(value)
+            pickled = any(n.endswith(PICKLE_SUFFIXES) for n in names) and not any(".safetensors" in n for n in names)
+        if pickled:
+            raise ModelLoadError(f"{where}: '{value}' is not safetensors weights; weights named by an adapter file "
+                                 f"are read with safetensors only (no pickle)")
 
 
 class VisionTower(nn.Module):

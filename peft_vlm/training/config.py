@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from peft_vlm.errors import ConfigError
+from peft_vlm.options import check_options
 
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "out/run"
+    output_dir: str | os.PathLike = "out/run"
     max_steps: int = 1000
     batch_size: int = 8  # examples per process per micro-batch
     gradient_accumulation_steps: int = 1
@@ -39,19 +43,10 @@ class TrainConfig:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
-        checks = {
-            "max_steps": self.max_steps >= 1,
-            "batch_size": self.batch_size >= 1,
-            "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
-            "learning_rate": self.learning_rate > 0,
-            "caption_ratio": 0.0 <= self.caption_ratio <= 1.0,
-            "lr_schedule": self.lr_schedule in ("cosine", "constant"),
-            "mixed_precision": self.mixed_precision in ("auto", "bf16", "no"),
-            "sharding": self.sharding in ("ddp", "fsdp2"),
-        }
-        for name, valid in checks.items():
+        check_options(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "TrainConfig")
+        for name, (valid, accepted) in _ranges(self).items():
             if not valid:
-                raise ConfigError(f"TrainConfig.{name}={getattr(self, name)!r} is not valid")
+                raise ConfigError(f"TrainConfig: {name}={getattr(self, name)!r} is not valid; {name} must be {accepted}")
         overlap = set(self.caption_groups) & set(self.instruction_groups)
         if overlap:
             raise ConfigError(f"caption_groups and instruction_groups must be disjoint; both have {sorted(overlap)}")
@@ -61,8 +56,51 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        if not isinstance(values, dict):
+            raise ConfigError(f"train section: expected a mapping of training options, got {values!r}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - known, key=str)
         if unknown:
-            raise ConfigError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ConfigError(f"unknown training option(s) {', '.join(map(str, unknown))}; known: {', '.join(sorted(known))}")
         return cls(**values)
+
+
+def _ranges(config: TrainConfig) -> dict[str, tuple[bool, str]]:
+    """{option: (whether its value is in range, what is accepted)}; types are checked before."""
+    return {
+        "max_steps": (config.max_steps >= 1, "an integer >= 1"),
+        "batch_size": (config.batch_size >= 1, "an integer >= 1"),
+        "gradient_accumulation_steps": (config.gradient_accumulation_steps >= 1, "an integer >= 1"),
+        "learning_rate": (config.learning_rate > 0, "a number > 0"),
+        "group_learning_rates": (all(v > 0 for v in config.group_learning_rates.values()), "a mapping of group: rate > 0"),
+        "weight_decay": (config.weight_decay >= 0, "a number >= 0"),
+        "betas": (all(0 <= b < 1 for b in config.betas), "two numbers in [0, 1)"),
+        "warmup_steps": (config.warmup_steps >= 0, "an integer >= 0"),
+        "lr_schedule": (config.lr_schedule in ("cosine", "constant"), "'cosine' or 'constant'"),
+        "min_lr_ratio": (0 <= config.min_lr_ratio <= 1, "a number in [0, 1]"),
+        "max_grad_norm": (config.max_grad_norm is None or config.max_grad_norm > 0, "a number > 0, or null for no clipping"),
+        "caption_ratio": (0 <= config.caption_ratio <= 1, "a number in [0, 1]"),
+        "mixed_precision": (config.mixed_precision in ("auto", "bf16", "no"), "'auto', 'bf16' or 'no'"),
+        "sharding": (config.sharding in ("ddp", "fsdp2"), "'ddp' or 'fsdp2'"),
+        "seed": (0 <= config.seed < 2**32, "an integer in [0, 2**32)"),
+        "log_every": (config.log_every >= 1, "an integer >= 1"),
+        "checkpoint_every": (config.checkpoint_every >= 0, "an integer >= 0 (0: only at the end)"),
+        "keep_checkpoints": (config.keep_checkpoints >= 1, "an integer >= 1 (the newest checkpoints kept)"),
+        "max_nonfinite_steps": (config.max_nonfinite_steps >= 1, "an integer >= 1"),
+        "output_dir": (bool(config.output_dir), "a folder path"),
+    }
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """Create `path` if needed and prove it writable (a probe file written and removed), before any model is built:
+    a run must not find out at its first checkpoint, or at its end, that its results cannot be saved."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output_dir '{path}' is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"output_dir '{path}' is not writable: {error.strerror or error}") from None
+    return path

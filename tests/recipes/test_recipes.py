@@ -110,9 +110,10 @@ def test_bad_recipe_inputs_are_one_line_errors(tiny_files, capsys):
     assert cli(["train", str(tiny_files / "bad.yaml")]) == 2
     assert "unknown section(s) mystery" in capsys.readouterr().err
     (tiny_files / "bad2.yaml").write_text("train: {max_stepz: 3}\n")
-    recipe = load_recipe(tiny_files / "bad2.yaml")
     with pytest.raises(pv.ConfigError, match="unknown training option.*max_stepz"):
-        pv.TrainConfig.from_dict(recipe["train"])
+        load_recipe(tiny_files / "bad2.yaml")  # refused on load, before any model is built
+    with pytest.raises(pv.ConfigError, match="unknown training option.*max_stepz"):
+        pv.TrainConfig.from_dict({"max_stepz": 3})
     with pytest.raises(pv.ConfigError, match="model.vision: fused towers.*'embedded_contrastive'"):
         build_model({"vision": ["embedded", "embedded_contrastive"]})
 

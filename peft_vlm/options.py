@@ -1,0 +1,93 @@
+"""Options checked against a dataclass's field types: a wrong type or an unknown name is one `ConfigError` naming
+the option, the value and what is accepted, before anything is built from them.
+
+The rule is Python's, without its looseness: `True` is not an int, `2.5` is not an int, `"ten"` is not a number;
+an int is a float; a list is a tuple (YAML has no tuples). Types this module cannot judge (classes of a library's
+own) are accepted as they are and left to the library to check.
+"""
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import types
+import typing
+from typing import Any
+
+from peft_vlm.errors import ConfigError
+
+_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_SEQUENCES = (list, tuple, set, frozenset, collections.abc.Sequence)
+
+
+def fits(value: Any, hint: Any) -> bool:
+    """Whether `value` has the type `hint` (a type annotation) asks for."""
+    if hint is Any or isinstance(hint, (str, typing.ForwardRef, typing.TypeVar)):
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(fits(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return any(value == arg and type(value) is type(arg) for arg in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in _SEQUENCES or hint in _SEQUENCES:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(fits(v, a) for v, a in zip(value, args))
+        return not args or all(fits(v, args[0]) for v in value)
+    if origin in (dict, collections.abc.Mapping) or hint in (dict, collections.abc.Mapping):
+        if not isinstance(value, dict):
+            return False
+        return len(args) != 2 or all(fits(k, args[0]) and fits(v, args[1]) for k, v in value.items())
+    return True  # a library's own class: the library checks it
+
+
+def describe(hint: Any) -> str:
+    """A type annotation as a user reads it: `int`, `float or None`, `list of str`, `one of 'a', 'b'`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None) or hint is None:
+        return "null"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe(arg) for arg in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(arg) for arg in args)
+    if origin in _SEQUENCES:
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} ({', '.join(describe(a) for a in args)})"
+        return f"a list of {describe(args[0])}" if args else "a list"
+    if origin in (dict, collections.abc.Mapping):
+        return f"a mapping of {describe(args[0])} to {describe(args[1])}" if len(args) == 2 else "a mapping"
+    return _NAMES.get(hint) or getattr(hint, "__name__", str(hint))
+
+
+def field_types(config_class: type) -> dict[str, Any]:
+    """{field name: type annotation} of a dataclass (annotations it cannot resolve are accepted as they are)."""
+    try:
+        hints = typing.get_type_hints(config_class)
+    except Exception:  # a forward reference the class's module cannot resolve: names only
+        hints = {}
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(config_class)}
+
+
+def check_options(config_class: type, values: Any, where: str) -> dict[str, Any]:
+    """`values` as keyword arguments for `config_class`, or a ConfigError naming the first option that does not fit."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: options must be a mapping of option: value, got {values!r}")
+    known = field_types(config_class)
+    unknown = sorted(set(values) - set(known), key=str)
+    if unknown:
+        raise ConfigError(f"{where}: unknown option(s) {', '.join(map(str, unknown))}; known: {', '.join(sorted(known))}")
+    for name, value in values.items():
+        if not fits(value, known[name]):
+            raise ConfigError(f"{where}: {name}={value!r} is not valid; {name} takes {describe(known[name])}")
+    return values
+
