@@ -203,7 +203,7 @@ def output_dir_of(recipe: dict, stage: dict, count: int) -> Path:
 def check_recipe(recipe: dict) -> None:
     """Everything `run_recipe` can check before it builds a model: the recipe, and that every output folder can be
     written (a run must not learn at its first checkpoint, or its end, that its results cannot be saved)."""
-    from peft_vlm.training.config import check_output_dir
+    from peft_vlm.training.preflight import check_output_dir
 
     validate_recipe(recipe, f"recipe '{recipe.get('name', '?')}'")
     all_stages = stages(recipe)

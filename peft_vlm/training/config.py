@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from peft_vlm.errors import ConfigError
@@ -89,18 +87,3 @@ def _ranges(config: TrainConfig) -> dict[str, tuple[bool, str]]:
         "max_nonfinite_steps": (config.max_nonfinite_steps >= 1, "an integer >= 1"),
         "output_dir": (bool(config.output_dir), "a folder path"),
     }
-
-
-def check_output_dir(path: str | os.PathLike) -> Path:
-    """Create `path` if needed and prove it writable (a probe file written and removed), before any model is built:
-    a run must not find out at its first checkpoint, or at its end, that its results cannot be saved."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"output_dir '{path}' is a file, not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise ConfigError(f"output_dir '{path}' is not writable: {error.strerror or error}") from None
-    return path

@@ -10,7 +10,7 @@ from peft_vlm import recipes
 from peft_vlm.cli import main as cli
 from peft_vlm.methods.registry import config_from_entry
 from peft_vlm.recipes import check_recipe, load_recipe
-from peft_vlm.training.config import check_output_dir
+from peft_vlm.training.preflight import check_output_dir
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 RECIPE = RECIPES / "qlora_single_gpu.yaml"
@@ -127,7 +127,7 @@ def unwritable_folder(tmp_path) -> Path:
 def test_output_dir_that_is_a_file_or_unwritable_is_refused_before_the_model_is_built(tmp_path, no_model_built, capsys):
     (tmp_path / "taken").write_text("a file")
     for output_dir, message in [(tmp_path / "taken", "is a file, not a folder"),
-                                (tmp_path / "taken" / "run", "is not writable"),
+                                (tmp_path / "taken" / "run", "lies in .*, which is a file, not a folder"),
                                 (unwritable_folder(tmp_path), "is not writable")]:
         with pytest.raises(pv.ConfigError, match=f"output_dir '{output_dir}' {message}"):
             recipes.run_recipe(load_recipe(RECIPE, [f"train.output_dir={output_dir}"]))
