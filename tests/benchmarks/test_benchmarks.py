@@ -41,3 +41,20 @@ def test_every_cpu_benchmark_runs_quickly_without_recording(benchmarks, capsys):
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):  # CPU figures are never recorded
             gpu_7b.main(["--quick", "--device", "cpu"])
     assert (results.read_text() if results.exists() else None) == before
+
+
+def test_cpu_mfu_benchmark_measures_every_lever_against_the_ceiling(benchmarks, vlm_factory, images):
+    import peft_vlm as pv
+
+    bench = benchmarks("bench_cpu_mfu")
+    models = {}
+    for attention in ("sdpa", "eager"):
+        model = vlm_factory()
+        model.language_model.set_attn_implementation(attention)
+        models[attention] = pv.apply(model, pv.AdaptionPromptConfig(length=4, layers=2), pv.BiasScaleConfig())
+    batch = models["sdpa"].tokenize(["<image> what colour?", "<image> what shape is it?"], [images[0], images[1]],
+                                    answers=["red", "circle"])
+    ceiling = bench.ceilings(batch["input_ids"].numel(), 64, 128)
+    rows, useful, seconds = bench.measure(models, batch, steps=1, warmup=0, ceiling=ceiling)
+    assert len(rows) == len(seconds) == 5 and useful > 0 and all(s > 0 for s in seconds.values())
+    assert all(row[-1].endswith("%") for row in rows) and rows[0][3] == "1.00x"
