@@ -36,9 +36,14 @@ def format_figures(figures: dict) -> str:
         for name, accuracy in rows:
             values = _as_dict(accuracy)
             lines.append(f"{name:<30}" + "".join(f"{_percent(values[k]) if k in values else '-':>10}" for k in kinds))
+    if "accuracy" in figures:
+        lines.append(f"questions: {figures['accuracy'].total['all']:,} (per type: " + ", ".join(
+            f"{kind} {count:,}" for kind, count in sorted(figures["accuracy"].total.items()) if kind != "all") + ")")
     if "reload_identical" in figures:
         same = "identical answers" if figures["reload_identical"] else "DIFFERENT answers"
-        lines.append(f"saved adapter on a freshly loaded base: {same} on every question")
+        answered, asked = figures["reloaded"].total["all"], figures["accuracy"].total["all"]
+        where = "every question" if answered == asked else f"the first {answered:,} questions"
+        lines.append(f"saved adapter on a freshly loaded base: {same} on {where}")
     if "trainable_parameters" in figures:
         lines.append(f"trainable parameters: {figures['trainable_parameters']:,}")
     if "adapter" in figures:

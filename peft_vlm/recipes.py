@@ -12,7 +12,7 @@
               each stage adds its methods and overrides data/train
     eval:     {format, split/path, limit, grey_image, zero_shot, text_only_ceiling, verify_reload, batch_size, curve}
               evaluated after training (verify_reload: load the saved adapter onto a freshly built base and answer
-              the first N questions again, or all with `true`; curve: {every, per_type}: accuracy against steps,
+              the first N questions again, or all with `true`; zero_shot: the untouched model, all or the first N; curve: {every, per_type}: accuracy against steps,
               real and grey image, on `per_type` questions of each type every `every` steps, drawn as
               accuracy_curve.png). With train.mixed_precision bf16, evaluation runs under the same bf16 autocast.
 
@@ -109,7 +109,7 @@ class EvalSection:
     limit: int | None = None
     image_root: str | None = None
     grey_image: bool = False
-    zero_shot: bool = False
+    zero_shot: bool | int = False  # true: every question; N: the first N
     text_only_ceiling: bool = False
     verify_reload: bool | int = False  # true: every question; N: the first N
     batch_size: int | None = None
@@ -349,6 +349,11 @@ def evaluation_questions(spec: dict) -> list:
     return [Question.from_sample(sample, kind_of) for sample in samples]
 
 
+def first(questions: list, count: bool | int) -> list:
+    """All questions for `true`, else the first `count` (an eval option that takes either)."""
+    return questions if count is True else questions[:int(count)]
+
+
 def evaluation_precision(mixed_precision: str | None):
     """A context factory for evaluation: the bf16 autocast training ran under on the CPU, else full precision."""
     import contextlib
@@ -406,7 +411,7 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
     answer = functools.partial(vqa.vqa_accuracy, batch_size=int(eval_spec.get("batch_size", 16)))
     if questions and eval_spec.get("zero_shot"):
         with precision():
-            figures["zero_shot"] = answer(model, questions, progress=True)
+            figures["zero_shot"] = answer(model, first(questions, eval_spec["zero_shot"]), progress=True)
         log(f"zero-shot (untouched model): {figures['zero_shot']}")
     all_stages = stages(recipe)
     result = None
@@ -452,11 +457,10 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
             # the first `verify_reload` questions, or all of them with `true`)
             from peft_vlm.methods.adapter_file import load_adapter
 
-            count = len(questions) if eval_spec["verify_reload"] is True else int(eval_spec["verify_reload"])
             reloaded = load_adapter(build_model(recipe.get("model") or {}), result.adapter_path)
             with precision():
-                figures["reloaded"] = answer(reloaded, questions[:count])
-            answers = [given for _, _, given in figures["accuracy"].examples[:count]]
+                figures["reloaded"] = answer(reloaded, first(questions, eval_spec["verify_reload"]))
+            answers = [given for _, _, given in figures["accuracy"].examples[:len(figures["reloaded"].examples)]]
             figures["reload_identical"] = answers == [given for _, _, given in figures["reloaded"].examples]
     figures["wall_seconds"] = time.time() - start
     return figures

@@ -133,3 +133,16 @@ def test_two_stage_recipe_adds_methods_per_stage_and_replaces_data_streams():
     assert align["methods"] == [] and finetune["methods"][0]["method"] == "lora"
     assert align["data"]["train"]["format"] == "caption" and finetune["data"]["train"]["format"] == "llava"
     assert finetune["train"]["learning_rate"] == 2e-4 and finetune["train"]["batch_size"] == 16
+
+
+def test_joint_recipe_draws_accuracy_against_steps_and_checks_the_reload_on_the_first_questions(tiny_files, tiny_vit, capsys):
+    recipe = str(RECIPES / "llama_adapter_v2_joint.yaml")
+    overrides = tiny_overrides(tiny_files, tiny_vit, "eval.limit=6", "eval.zero_shot=2", "eval.verify_reload=4",
+                               "eval.curve={every: 2, per_type: 1}", "train.mixed_precision=bf16")
+    assert cli(["train", recipe, "--max-steps", "3", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "identical answers on the first 4 questions" in out and "questions: 6 (per type:" in out
+    points = json.loads((tiny_files / "out" / "accuracy_curve.json").read_text())
+    assert [(p["step"], p["image"]) for p in points] == [(step, image) for step in (0, 2, 3) for image in ("real", "grey")]
+    assert all(set(p) >= {"color", "shape", "yes/no"} for p in points)
+    assert (tiny_files / "out" / "accuracy_curve.png").stat().st_size > 1000
