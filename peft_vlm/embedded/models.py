@@ -85,7 +85,9 @@ def register_open_clip_config(name: str, config: dict) -> str:
     if name not in open_clip.list_models():
         path = cache_root() / "open_clip" / f"{name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(config))
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        partial.write_text(json.dumps(config))
+        os.replace(partial, path)  # atomic: a process starting at the same time never reads a half-written file
         open_clip.add_model_config(str(path))
     return name
 
