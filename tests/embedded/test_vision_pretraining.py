@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 pytest.importorskip("easy_vqa")
 
@@ -42,7 +43,7 @@ def test_tower_is_trained_once_then_read_from_the_cache_and_loads_frozen(cache, 
     assert path.startswith(str(cache)) and recipe.key() in path
     assert vp.pretrained_tower(recipe) == path  # cached: no second training
     assert vp.TowerRecipe(model="test-tiny-clip", steps=3, batch_size=8, limit=16).key() != recipe.key()
-    weights = torch.load(path)
+    weights = load_file(path)
     model = pv.VisionLanguageModel.from_pretrained(
         llm=make_lm(), tokenizer=tokenizer, vision="test-tiny-clip", vision_pretrained=path, connector="downsample2x2_mlp",
         vision_options={"feature_layer": -1})
