@@ -44,6 +44,7 @@ class Backend(ABC):
         mixed_precision = config.mixed_precision
         if mixed_precision == "auto":
             mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+        _allow_precision(mixed_precision)
         self.accelerator = Accelerator(mixed_precision=mixed_precision, log_with=config.report_to,
                                        project_dir=config.output_dir, **self.accelerator_options())
         self.model: nn.Module | None = None  # what the trainer runs: the model, its DDP/FSDP2 wrapper or the engine
@@ -125,3 +126,13 @@ def placed_like(parameter: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     if isinstance(parameter, DTensor) and value.dim() > 0:
         return distribute_tensor(value.to(parameter.dtype), parameter.device_mesh, parameter.placements)
     return value.to(parameter.device) if value.dim() > 0 else value
+
+
+def _allow_precision(mixed_precision: str) -> None:
+    """accelerate keeps one state per process and refuses a second `Accelerator` with another precision; in a single
+    process (two recipes in a row, a benchmark comparing runs) nothing else shares that state, so it starts afresh."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    if AcceleratorState._shared_state and PartialState().num_processes == 1:
+        if AcceleratorState().mixed_precision != mixed_precision:
+            AcceleratorState._reset_state()

@@ -52,3 +52,18 @@ def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_trained_weights(vlm_facto
     assert result.skipped_steps == 0 and all(torch.isfinite(torch.tensor(losses)))
     assert losses != reference_losses  # bf16 really ran
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=0, atol=0.01)
+
+
+def test_runs_of_different_precision_follow_each_other_in_one_process(vlm_factory, images, tmp_path):
+    """Two recipes in a row (or a benchmark comparing runs) in one process: the second precision is not refused."""
+    from peft_vlm.data import SampleDataset, SampleEncoder
+
+    for index, precision in enumerate(("no", "bf16", "no")):
+        model = pv.apply(vlm_factory(), pv.BiasScaleConfig())
+        samples = [{"messages": [{"role": "user", "content": "<image> colour?"}, {"role": "assistant", "content": "red"}],
+                    "images": [images[0]]}] * 2
+        config = pv.TrainConfig(output_dir=str(tmp_path / str(index)), max_steps=1, batch_size=2, report_to=None,
+                                progress_bar=False, mixed_precision=precision, checkpoint_every=0)
+        trainer = pv.JointTrainer(model, config, data=SampleDataset(samples, SampleEncoder.for_model(model)))
+        assert trainer.train().adapter_path.is_file()
+        assert trainer.accelerator.mixed_precision == precision
