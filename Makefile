@@ -25,4 +25,5 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/peft-vlm train recipes/llama_adapter_v2_joint.yaml
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
