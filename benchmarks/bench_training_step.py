@@ -82,7 +82,8 @@ def image_tokens(batch: torch.Tensor) -> Callable:
     types[:, length // 2 - length // (2 * IMAGE_SHARE): length // 2 + length // (2 * IMAGE_SHARE)] = 1
 
     def around(model):
-        if pv.runtime.lm_layers.language_model_of(model) is model and pv.runtime.tracking.state_of(model, create=False) is not None:
+        if (pv.runtime.lm_layers.language_model_of(model) is model
+                and pv.runtime.tracking.state_of(model, create=False) is not None):
             return pv.token_types(model, types)
         return contextlib.nullcontext()
 

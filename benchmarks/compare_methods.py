@@ -33,14 +33,17 @@ METHODS = {
     "QLoRA (4-bit base + LoRA)": ["methods=[lora]", "model.load_in_4bit=true"],
     # The expert is the model's only adapter, so it takes the "language" role: instruction batches train it, caption
     # batches train the connector.
-    "visual expert, low rank": ["methods=[{method: visual_expert, rank: 8, shared_image_position: true, group: language}]"],
+    "visual expert, low rank": [
+        "methods=[{method: visual_expert, rank: 8, shared_image_position: true, group: language}]"
+    ],
     # Flamingo: the resampler is the connector (caption batches), the gated blocks take the language role.
     "Flamingo (resampler + gated xattn)": [
         "model.connector=perceiver_resampler", "methods=[{method: gated_cross_attention, every: 4, group: language}]"
     ],
     # BLIP-2 trains the Q-Former alone with the LM frozen: one group, trained on the instruction batches.
     "BLIP-2 Q-Former": [
-        "model.connector=qformer", "methods=[]", "data.captions=null", "train.caption_groups=[]", "train.instruction_groups=[vision]"
+        "model.connector=qformer", "methods=[]", "data.captions=null", "train.caption_groups=[]",
+        "train.instruction_groups=[vision]"
     ],
 }
 
@@ -54,12 +57,14 @@ def run_one(name: str, overrides: list[str], output: Path) -> dict:
 
     from peft_vlm.recipes import load_recipe, run_recipe
 
-    fixed = [f"train.output_dir={output}", "train.checkpoint_every=0", "eval.zero_shot=false", "eval.verify_reload=false"]
+    fixed = [f"train.output_dir={output}", "train.checkpoint_every=0", "eval.zero_shot=false",
+             "eval.verify_reload=false"]
     recipe = load_recipe(RECIPE, [*overrides, *fixed])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     figures = run_recipe(recipe, log=lambda *_: None)
-    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     steps = recipe["train"]["max_steps"]
     return {
         "method": name,
@@ -74,12 +79,14 @@ def run_one(name: str, overrides: list[str], output: Path) -> dict:
 
 def table(rows: list[dict]) -> str:
     kinds = ["all", "color", "shape", "yes/no"]
-    header = "| method | " + " | ".join(f"acc {k}" for k in kinds) + " | grey-image acc (all / color / shape) | trainable | adapter MB | s/step | peak mem GB |"
+    header = ("| method | " + " | ".join(f"acc {k}" for k in kinds)
+              + " | grey-image acc (all / color / shape) | trainable | adapter MB | s/step | peak mem GB |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         acc = " | ".join(f"{100 * r['accuracy'].get(k, float('nan')):.1f}" for k in kinds)
         grey = " / ".join(f"{100 * r['grey_image'].get(k, float('nan')):.1f}" for k in ("all", "color", "shape"))
-        lines.append(f"| {r['method']} | {acc} | {grey} | {r['trainable_parameters']:,} | {r['adapter_bytes'] / 1e6:.2f} | "
+        lines.append(f"| {r['method']} | {acc} | {grey} | {r['trainable_parameters']:,} | "
+                     f"{r['adapter_bytes'] / 1e6:.2f} | "
                      f"{r['seconds_per_step']:.2f} | {r['peak_memory_bytes'] / 1e9:.2f} |")
     return "\n".join(lines)
 
@@ -87,14 +94,16 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=140, help="training steps per method (the main job's)")
-    parser.add_argument("--limit", type=int, default=300, help="evaluation questions (evenly spaced over the test split)")
+    parser.add_argument("--limit", type=int, default=300,
+                        help="evaluation questions (evenly spaced over the test split)")
     parser.add_argument("--only", help="comma-separated subset of method names (substring match)")
     parser.add_argument("--out", default="out/compare_methods")
     parser.add_argument("--jobs", type=int, default=1, help="methods trained at once")
     parser.add_argument("--resume", action="store_true", help="keep the figures of methods an interrupted run finished")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one method in this process
     args = parser.parse_args()
-    common = [f"train.max_steps={args.steps}", f"eval.limit={args.limit}", "train.progress_bar=false", "train.report_to=null"]
+    common = [f"train.max_steps={args.steps}", f"eval.limit={args.limit}", "train.progress_bar=false",
+              "train.report_to=null"]
 
     if args.one:
         result = run_one(args.one, [*METHODS[args.one], *common], Path(args.out) / args.one.replace(" ", "_"))
@@ -114,9 +123,11 @@ def main() -> None:
         if args.resume and saved.is_file():
             print(f"{name}: kept from {saved}", flush=True)
             return json.loads(saved.read_text())
-        command = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--limit", str(args.limit), "--out", args.out]
+        command = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--limit", str(args.limit),
+                   "--out", args.out]
         completed = subprocess.run(command, capture_output=True, text=True, env=env)
-        payload = next((l.removeprefix("RESULT ") for l in completed.stdout.splitlines() if l.startswith("RESULT ")), None)
+        payload = next((line.removeprefix("RESULT ") for line in completed.stdout.splitlines()
+                        if line.startswith("RESULT ")), None)
         if payload is None:
             print(f"{name}: failed\n{completed.stderr[-2000:]}", file=sys.stderr, flush=True)
             return None
@@ -132,14 +143,16 @@ def main() -> None:
     rows = [results[name] for name in chosen if results[name] is not None]
     text = table(rows)
     print(text)
-    device = "GPU " + __import__("torch").cuda.get_device_name() if __import__("torch").cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    device = ("GPU " + __import__("torch").cuda.get_device_name() if __import__("torch").cuda.is_available()
+              else f"CPU ({os.cpu_count()} cores)")
     entry = (
         f"\n## Method comparison on the embedded default ({date.today()})\n\n"
         f"Command: `python benchmarks/compare_methods.py {' '.join(sys.argv[1:])}`  \n"
         f"Machine: {device}, {platform.platform()}, load average {os.getloadavg()[0]:.1f} at the end  \n"
         f"Methods trained {args.jobs} at a time, {threads} thread(s) each.  \n"
         f"{args.steps} steps per method, recipe `llama_adapter_v2_joint` with the method swapped in; accuracy on "
-        f"{args.limit} evenly spaced easy-VQA test questions (%), with the real image and with a neutral grey image.\n\n"
+        f"{args.limit} evenly spaced easy-VQA test questions (%), with the real image and with a neutral grey "
+        f"image.\n\n"
         f"{text}\n"
     )
     with open(Path(__file__).parent / "RESULTS.md", "a") as results:

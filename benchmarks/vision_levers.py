@@ -47,7 +47,8 @@ def parse_args():
     parser.add_argument("--caption-ratio", type=float, default=0.5)
     parser.add_argument("--connector", default="downsample2x2_mlp")
     parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False,
-                        help="SmolLM2's chat template (adds a 20-token system prompt) instead of 'USER: ... ASSISTANT:'")
+                        help="SmolLM2's chat template (adds a 20-token system prompt) instead of "
+                             "'USER: ... ASSISTANT:'")
     parser.add_argument("--yes-no-weight", type=float, default=1.0, help="type_weights of the question data")
     parser.add_argument("--feature-layer", type=int, default=-2)
     parser.add_argument("--tower-steps", type=int, default=0,
@@ -128,9 +129,11 @@ def main() -> None:
 
     load = os.getloadavg()[0]
     command = "python benchmarks/vision_levers.py " + " ".join(sys.argv[1:])
-    row = [datetime.date.today().isoformat(), f"{load:.1f}", f"`{command}`", f"{result.seconds:.0f} ({cpu:.0f})", str(result.steps),
+    row = [datetime.date.today().isoformat(), f"{load:.1f}", f"`{command}`", f"{result.seconds:.0f} ({cpu:.0f})",
+           str(result.steps),
            f"{result.seconds / result.steps:.2f}", *cells(real), *cells(grey)]
-    print(f"train {result.seconds:.0f} s ({result.seconds / result.steps:.2f} s/step, {cpu:.0f} CPU s), total {time.time() - start:.0f} s, "
+    print(f"train {result.seconds:.0f} s ({result.seconds / result.steps:.2f} s/step, {cpu:.0f} CPU s), "
+          f"total {time.time() - start:.0f} s, "
           f"load {load:.1f}\n  real: {real}  weighted overall {100 * weighted_overall(real):.1f}%"
           f"\n  grey: {grey}  weighted overall {100 * weighted_overall(grey):.1f}%")
     if not args.no_record:

@@ -110,7 +110,8 @@ def _generate(arguments: argparse.Namespace) -> None:
         image = Image.open(arguments.image).convert("RGB") if arguments.image else None
     except OSError as error:
         raise PeftVlmError(f"cannot read image '{arguments.image}': {error}") from None
-    answer = model.generate(images=[image] if image else None, prompts=[arguments.prompt], max_new_tokens=arguments.max_new_tokens)
+    answer = model.generate(images=[image] if image else None, prompts=[arguments.prompt],
+                            max_new_tokens=arguments.max_new_tokens)
     print(answer[0].strip())
 
 
@@ -137,7 +138,8 @@ def _eval(arguments: argparse.Namespace) -> None:
         from peft_vlm.recipes import build_dataset
 
         dataset = build_dataset(spec, SampleEncoder.for_model(model), {"bad_samples": "skip"})
-        examples = (dataset[i] for i in range(len(dataset) if not spec.get("limit") else min(len(dataset), spec["limit"])))
+        examples = (dataset[i] for i in range(len(dataset) if not spec.get("limit")
+                                              else min(len(dataset), spec["limit"])))
         print("loss/perplexity: " + json.dumps(vqa.perplexity(model, examples, Collator.for_model(model))))
 
 
@@ -148,7 +150,8 @@ def _info(arguments: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peft-vlm", description="Parameter-efficient fine-tuning of vision-language models")
+    parser = argparse.ArgumentParser(prog="peft-vlm",
+                                     description="Parameter-efficient fine-tuning of vision-language models")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a recipe, save the adapter, evaluate")

@@ -85,7 +85,8 @@ def check_options(config_class: type, values: Any, where: str) -> dict[str, Any]
     known = field_types(config_class)
     unknown = sorted(set(values) - set(known), key=str)
     if unknown:
-        raise ConfigError(f"{where}: unknown option(s) {', '.join(map(str, unknown))}; known: {', '.join(sorted(known))}")
+        raise ConfigError(f"{where}: unknown option(s) {', '.join(map(str, unknown))}; "
+                          f"known: {', '.join(sorted(known))}")
     for name, value in values.items():
         if not fits(value, known[name]):
             raise ConfigError(f"{where}: {name}={value!r} is not valid; {name} takes {describe(known[name])}")

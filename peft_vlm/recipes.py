@@ -12,7 +12,8 @@
               each stage adds its methods and overrides data/train
     eval:     {format, split/path, limit, grey_image, zero_shot, text_only_ceiling, verify_reload, batch_size, curve}
               evaluated after training (verify_reload: load the saved adapter onto a freshly built base and answer
-              the first N questions again, or all with `true`; zero_shot: the untouched model, all or the first N; curve: {every, per_type}: accuracy against steps,
+              the first N questions again, or all with `true`; zero_shot: the untouched model, all or the first N;
+              curve: {every, per_type}: accuracy against steps,
               real and grey image, on `per_type` questions of each type every `every` steps, drawn as
               accuracy_curve.png). With train.mixed_precision bf16, evaluation runs under the same bf16 autocast.
 
@@ -151,7 +152,8 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), full: bool =
 def _check_sections(recipe: dict, where: str) -> None:
     unknown = sorted(set(recipe) - set(SECTIONS), key=str)
     if unknown:
-        raise ConfigError(f"{where}: unknown section(s) {', '.join(map(str, unknown))}; sections: {', '.join(SECTIONS)}")
+        raise ConfigError(f"{where}: unknown section(s) {', '.join(map(str, unknown))}; "
+                          f"sections: {', '.join(SECTIONS)}")
 
 
 def _mapping(value: Any, where: str) -> dict:
@@ -275,18 +277,21 @@ def method_specs(entries: list, where: str = "methods") -> list:
     from peft_vlm.methods.registry import available_methods, config_from_entry
 
     if entries is not None and not isinstance(entries, list):
-        raise ConfigError(f"{where}: expected a list of presets, method names or {{method: NAME, ...}}, got {entries!r}")
+        raise ConfigError(f"{where}: expected a list of presets, method names or {{method: NAME, ...}}, "
+                          f"got {entries!r}")
     specs = []
     for index, entry in enumerate(entries or []):
         if isinstance(entry, str):
             if entry not in available_presets() and entry not in available_methods():
-                raise ConfigError(f"{where}: unknown method or preset '{entry}'; presets: {', '.join(available_presets())}; "
+                raise ConfigError(f"{where}: unknown method or preset '{entry}'; "
+                                  f"presets: {', '.join(available_presets())}; "
                                   f"methods: {', '.join(sorted(available_methods()))}")
             specs.append(entry)
         elif isinstance(entry, dict):
             specs.append(config_from_entry(entry, f"{where} #{index + 1}"))
         else:
-            raise ConfigError(f"{where}: each entry is a preset or method name, or a mapping with 'method'; got {entry!r}")
+            raise ConfigError(f"{where}: each entry is a preset or method name, or a mapping with 'method'; "
+                              f"got {entry!r}")
     return specs
 
 
@@ -419,9 +424,11 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
         apply(model, *method_specs(stage["methods"]))
         data = dict(stage["data"] or {})
         shared = {k: data.pop(k) for k in ("bad_samples", "image_root") if k in data}
-        encoder = SampleEncoder.for_model(model, resize=data.pop("resize", "resize"), max_length=data.pop("max_length", None))
+        encoder = SampleEncoder.for_model(model, resize=data.pop("resize", "resize"),
+                                          max_length=data.pop("max_length", None))
         # a stream set to null (e.g. `--set data.captions=null`) is left out
-        datasets = {stream: build_dataset(spec, encoder, shared) for stream in STREAMS if (spec := data.pop(stream, None))}
+        datasets = {stream: build_dataset(spec, encoder, shared)
+                    for stream in STREAMS if (spec := data.pop(stream, None))}
         if data:
             raise ConfigError(f"data section: unknown option(s) {', '.join(sorted(data))}")
         train_options = dict(stage["train"] or {})
@@ -430,7 +437,8 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
         log(f"stage {stage['name']}:\n{trainable_summary(model)}")
         trainer = JointTrainer(
             model, config,
-            data=datasets.get("train"), caption_data=datasets.get("captions"), instruction_data=datasets.get("instructions"),
+            data=datasets.get("train"), caption_data=datasets.get("captions"),
+            instruction_data=datasets.get("instructions"),
             callbacks=accuracy_curve(model, eval_spec, questions, config.output_dir, precision),
         )
         result = trainer.train()

@@ -42,7 +42,8 @@ def make_tokenizer():
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     backend.train_from_iterator(CORPUS, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>")
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
@@ -78,7 +79,8 @@ def make_vlm(tokenizer, vision, model_type="llama", seed=0, connector="mlp2x_gel
 
     lm = make_lm(model_type, seed, **overrides)
     torch.manual_seed(seed + 1)
-    return pv.VisionLanguageModel.from_pretrained(llm=lm, tokenizer=tokenizer, vision=vision, connector=connector).eval()
+    return pv.VisionLanguageModel.from_pretrained(llm=lm, tokenizer=tokenizer, vision=vision,
+                                                  connector=connector).eval()
 
 
 @pytest.fixture(scope="session")

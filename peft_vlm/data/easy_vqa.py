@@ -76,7 +76,8 @@ def instruction_samples(split: str, limit: int | None = None, type_weights: dict
     weights = dict(type_weights or {})
     unknown = sorted(set(weights) - set(QUESTION_TYPES))
     if unknown or any(w < 0 for w in weights.values()):
-        raise ConfigError(f"type_weights={weights} needs non-negative weights for types among {', '.join(QUESTION_TYPES)}")
+        raise ConfigError(f"type_weights={weights} needs non-negative weights for types among "
+                          f"{', '.join(QUESTION_TYPES)}")
     draw = random.Random(seed)
     chosen = questions(split)[:limit]
     balance = _answer_balance(chosen) if balance_yes_no else {}
@@ -113,7 +114,8 @@ def annotations(split: str) -> dict[int, tuple[str | None, str | None]]:
         image_ids.add(q.image_id)
 
     def decide(candidates, image_id):
-        known = [c for c in candidates if c in present[image_id]] or [c for c in candidates if c not in absent[image_id]]
+        known = ([c for c in candidates if c in present[image_id]]
+                 or [c for c in candidates if c not in absent[image_id]])
         return known[0] if len(known) == 1 else None
 
     return {i: (decide(COLORS, i), decide(SHAPES, i)) for i in sorted(image_ids)}

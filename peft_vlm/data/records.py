@@ -78,14 +78,16 @@ class RecordFile:
                     except json.JSONDecodeError as error:
                         if window.at_end or len(window.text) - position > _MAX_ROW_CHARS:
                             raise DataError(row_source(self.path, row), INVALID_JSON,
-                                            f"{error.msg}; a broken JSON array cannot be read past this point") from None
+                                            f"{error.msg}; a broken JSON array cannot be read past "
+                                            "this point") from None
                     position = window.more(position)
                 yield row, window.byte_offset(position), window.byte_offset(end), record
                 position = window.skip_space(end)
                 if position < len(window.text) and window.text[position] == ",":
                     position += 1
                 elif position >= len(window.text) or window.text[position] != "]":
-                    raise DataError(row_source(self.path, row + 1), INVALID_JSON, f"expected ',' or ']' after row {row}")
+                    raise DataError(row_source(self.path, row + 1), INVALID_JSON,
+                                    f"expected ',' or ']' after row {row}")
 
     def _parse(self, raw: bytes, row: int) -> Any:
         try:

@@ -1,5 +1,6 @@
 """ScienceQA (Lu et al., arXiv 2209.09513): multiple-choice science questions with an optional image, a text context
-(the "hint"), a lecture and a solution; read from the dataset's own `problems.json`; scored by `peft_vlm.evaluation.scienceqa`.
+(the "hint"), a lecture and a solution; read from the dataset's own `problems.json`; scored by
+`peft_vlm.evaluation.scienceqa`.
 
     problems.json: {"<id>": {"question", "choices": [...], "answer": <index>, "hint", "image": "image.png" or null,
                              "lecture", "solution", "subject", "grade", "split", ...}, ...}
@@ -77,7 +78,8 @@ def read_problems(path: str | Path, split: str | None = "test", image_root: str 
         raise ConfigError(f"'{path}' is not valid JSON: {error}") from None
     if not isinstance(table, dict):
         raise ConfigError(f"'{path}': ScienceQA's problems.json maps problem ids to problems")
-    root = Path(image_root) if image_root else (path.parent / "images" if (path.parent / "images").is_dir() else path.parent)
+    root = Path(image_root) if image_root else (
+        path.parent / "images" if (path.parent / "images").is_dir() else path.parent)
     problems = []
     for problem_id, entry in table.items():
         if split is not None and entry.get("split") != split:

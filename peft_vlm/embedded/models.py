@@ -103,7 +103,8 @@ def describe_language_model(path: str | None) -> str | None:
     return "embedded" if path and Path(path).resolve() == (cache_root() / CACHE_NAME).resolve() else path
 
 
-# The small tower pretrained contrastively on easy-vqa (`peft_vlm.embedded.tower_pretraining`), cached under this folder.
+# The small tower pretrained contrastively on easy-vqa (`peft_vlm.embedded.tower_pretraining`), cached under this
+# folder.
 CONTRASTIVE_VISION = "embedded_contrastive"
 TOWER_CACHE = "towers"
 

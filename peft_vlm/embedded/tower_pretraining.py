@@ -5,8 +5,8 @@ barely shapes, and a frozen language model does not learn to read them in a few 
 open_clip model (image and text tower) learns to match each training image with its caption ("A red circle.") with
 CLIP's contrastive loss, in a few minutes on a CPU. Captions repeat (8 colours x 3 shapes), so an image's
 positives are all images and captions of the batch with the same caption (CLIP's loss would count those as
-negatives). The whole open_clip model is saved (safetensors) under `cache_root()`, keyed by a hash of the recipe, so every
-later run loads it in a second: `VisionLanguageModel.from_pretrained(..., vision=name, vision_pretrained=path)`.
+negatives). The whole open_clip model is saved (safetensors) under `cache_root()`, keyed by a hash of the recipe, so
+every later run loads it in a second: `VisionLanguageModel.from_pretrained(..., vision=name, vision_pretrained=path)`.
 
     path = pretrained_tower()          # trains on first use (minutes), then reads the cache
     model = pv.VisionLanguageModel.from_pretrained(lm, vision=PRETRAINED_VISION, vision_pretrained=path)
@@ -65,7 +65,8 @@ def caption_pairs(split: str = "train", limit: int | None = None) -> list[tuple[
     return [(s["images"][0], s["messages"][1]["content"]) for s in ev.caption_samples(split).samples[:limit]]
 
 
-def contrastive_loss(images: torch.Tensor, texts: torch.Tensor, captions: list[str], scale: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(images: torch.Tensor, texts: torch.Tensor, captions: list[str],
+                     scale: torch.Tensor) -> torch.Tensor:
     """CLIP's symmetric cross-entropy on normalised embeddings, every same-caption pair a positive."""
     logits = scale * F.normalize(images, dim=-1) @ F.normalize(texts, dim=-1).T
     ids = torch.tensor([hash(c) for c in captions])
@@ -87,7 +88,8 @@ def train_tower(recipe: TowerRecipe, log_every: int = 50):
     pixels = torch.stack([preprocess(Image.open(path).convert("RGB")) for path, _ in pairs])  # 4,000 x 48 KB
     tokens = tokenizer([caption for _, caption in pairs])
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.learning_rate, total_steps=recipe.steps, pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.learning_rate, total_steps=recipe.steps,
+                                                   pct_start=0.1)
     generator = torch.Generator().manual_seed(recipe.seed)
     model.train()
     start = time.time()
@@ -100,7 +102,8 @@ def train_tower(recipe: TowerRecipe, log_every: int = 50):
         optimizer.step()
         schedule.step()
         if log_every and (step + 1) % log_every == 0:
-            print(f"tower pretraining step {step + 1}/{recipe.steps}  loss {loss.item():.3f}  ({time.time() - start:.0f} s)")
+            print(f"tower pretraining step {step + 1}/{recipe.steps}  loss {loss.item():.3f}  "
+                  f"({time.time() - start:.0f} s)")
     return model.eval(), tokenizer, preprocess
 
 

@@ -7,8 +7,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from PIL import Image
-
 from peft_vlm.data.scienceqa import Problem
 from peft_vlm.evaluation.vqa import multiple_choice_letter
 from peft_vlm.model.expert_context import with_expert_context
@@ -37,7 +35,8 @@ class ScienceQAAccuracy:
 
     def __str__(self) -> str:
         parts = [f"all {100 * self['all']:.1f}% ({self.total['all']})"]
-        parts += [f"{name} {100 * value:.1f}%" for kind in ("subject", "context") for name, value in self.by(kind).items()]
+        parts += [f"{name} {100 * value:.1f}%" for kind in ("subject", "context")
+                  for name, value in self.by(kind).items()]
         return "  ".join(parts)
 
 

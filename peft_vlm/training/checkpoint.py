@@ -114,7 +114,8 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if torch.cuda.is_available():
         tensors["cuda"] = torch.cuda.get_rng_state()
     numpy_state = np.random.get_state()
-    python = {"python": _jsonable(random.getstate()), "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]]}
+    python = {"python": _jsonable(random.getstate()),
+              "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]]}
     return tensors, python
 
 
@@ -231,7 +232,8 @@ def _json(path: Path) -> Any:
     except FileNotFoundError:
         raise CorruptCheckpointError(f"checkpoint '{path.parent}': {path.name} is missing") from None
     except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise CorruptCheckpointError(f"checkpoint '{path.parent}': {path.name} is truncated or corrupt ({error})") from None
+        raise CorruptCheckpointError(
+            f"checkpoint '{path.parent}': {path.name} is truncated or corrupt ({error})") from None
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -240,7 +242,8 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (OSError, SafetensorError) as error:
-        raise CorruptCheckpointError(f"checkpoint '{path.parent}': {path.name} is truncated or corrupt ({error})") from None
+        raise CorruptCheckpointError(
+            f"checkpoint '{path.parent}': {path.name} is truncated or corrupt ({error})") from None
 
 
 def save(output_dir: str | os.PathLike, step: int, backend, adapter_tensors: dict[str, torch.Tensor],
@@ -250,7 +253,8 @@ def save(output_dir: str | os.PathLike, step: int, backend, adapter_tensors: dic
     accelerator = backend.accelerator
     folder = checkpoint_dir(output_dir, step)
     optimizer_tensors, param_groups = flatten_optimizer_states(backend.optimizer_states())
-    state = {**state, "param_groups": param_groups, "world_size": accelerator.num_processes, "deepspeed": backend.deepspeed}
+    state = {**state, "param_groups": param_groups, "world_size": accelerator.num_processes,
+             "deepspeed": backend.deepspeed}
     write_checkpoint(
         folder,
         lambda path: write_adapter(path, adapter_tensors, metadata),
@@ -277,9 +281,11 @@ def load(checkpoint: Checkpoint, backend, output_dir: str | os.PathLike, trained
     if sorted(checkpoint.adapter) != sorted(trained_names):
         saved, trained = set(checkpoint.adapter), set(trained_names)
         extra, missing = sorted(saved - trained), sorted(trained - saved)
-        raise ConfigError(f"checkpoint '{folder}' was written for other methods (tensors not trained here: {extra[:3]}, "
+        raise ConfigError(f"checkpoint '{folder}' was written for other methods "
+                          f"(tensors not trained here: {extra[:3]}, "
                           f"trained here but not in it: {missing[:3]}); {where}")
     if checkpoint.rng is not None:
         set_rng_state(*checkpoint.rng)
-    backend.load_state(folder, checkpoint.adapter, unflatten_optimizer_states(checkpoint.optimizer, state["param_groups"]))
+    backend.load_state(folder, checkpoint.adapter,
+                       unflatten_optimizer_states(checkpoint.optimizer, state["param_groups"]))
     return state

@@ -44,7 +44,8 @@ class TrainConfig:
         check_options(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "TrainConfig")
         for name, (valid, accepted) in _ranges(self).items():
             if not valid:
-                raise ConfigError(f"TrainConfig: {name}={getattr(self, name)!r} is not valid; {name} must be {accepted}")
+                raise ConfigError(f"TrainConfig: {name}={getattr(self, name)!r} is not valid; "
+                                  f"{name} must be {accepted}")
         overlap = set(self.caption_groups) & set(self.instruction_groups)
         if overlap:
             raise ConfigError(f"caption_groups and instruction_groups must be disjoint; both have {sorted(overlap)}")
@@ -59,7 +60,8 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known, key=str)
         if unknown:
-            raise ConfigError(f"unknown training option(s) {', '.join(map(str, unknown))}; known: {', '.join(sorted(known))}")
+            raise ConfigError(f"unknown training option(s) {', '.join(map(str, unknown))}; "
+                              f"known: {', '.join(sorted(known))}")
         return cls(**values)
 
 
@@ -70,13 +72,15 @@ def _ranges(config: TrainConfig) -> dict[str, tuple[bool, str]]:
         "batch_size": (config.batch_size >= 1, "an integer >= 1"),
         "gradient_accumulation_steps": (config.gradient_accumulation_steps >= 1, "an integer >= 1"),
         "learning_rate": (config.learning_rate > 0, "a number > 0"),
-        "group_learning_rates": (all(v > 0 for v in config.group_learning_rates.values()), "a mapping of group: rate > 0"),
+        "group_learning_rates": (all(v > 0 for v in config.group_learning_rates.values()),
+                                 "a mapping of group: rate > 0"),
         "weight_decay": (config.weight_decay >= 0, "a number >= 0"),
         "betas": (all(0 <= b < 1 for b in config.betas), "two numbers in [0, 1)"),
         "warmup_steps": (config.warmup_steps >= 0, "an integer >= 0"),
         "lr_schedule": (config.lr_schedule in ("cosine", "constant"), "'cosine' or 'constant'"),
         "min_lr_ratio": (0 <= config.min_lr_ratio <= 1, "a number in [0, 1]"),
-        "max_grad_norm": (config.max_grad_norm is None or config.max_grad_norm > 0, "a number > 0, or null for no clipping"),
+        "max_grad_norm": (config.max_grad_norm is None or config.max_grad_norm > 0,
+                          "a number > 0, or null for no clipping"),
         "caption_ratio": (0 <= config.caption_ratio <= 1, "a number in [0, 1]"),
         "mixed_precision": (config.mixed_precision in ("auto", "bf16", "no"), "'auto', 'bf16' or 'no'"),
         "sharding": (config.sharding in ("ddp", "fsdp2"), "'ddp' or 'fsdp2'"),

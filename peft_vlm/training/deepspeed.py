@@ -48,7 +48,8 @@ def accelerator_options(config) -> dict:
     from accelerate.utils import InitProcessGroupKwargs
     from deepspeed.accelerator import get_accelerator
 
-    return {**options, "kwargs_handlers": [InitProcessGroupKwargs(backend=get_accelerator().communication_backend_name())]}
+    return {**options,
+            "kwargs_handlers": [InitProcessGroupKwargs(backend=get_accelerator().communication_backend_name())]}
 
 
 class StreamAdamW(torch.optim.AdamW):
@@ -124,7 +125,8 @@ class DeepSpeedBackend(Backend):
     def prepare(self, model: torch.nn.Module, make_groups: GroupMaker) -> torch.nn.Module:
         # one optimizer for the engine, created before ZeRO partitions the parameters
         by_stream = make_groups(dict(model.named_parameters()))
-        self.optimizer = StreamAdamW([group for groups in by_stream.values() for group in groups], betas=self.config.betas)
+        self.optimizer = StreamAdamW([group for groups in by_stream.values() for group in groups],
+                                     betas=self.config.betas)
         return self._prepared(prepare(self.accelerator, model, self.optimizer, self.config), by_stream)
 
     def param_groups(self, stream: str) -> list[dict]:

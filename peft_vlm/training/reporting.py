@@ -19,7 +19,8 @@ class Reporter:
         from tqdm.auto import tqdm
 
         enabled = config.progress_bar and self.accelerator.is_main_process
-        self.progress = tqdm(total=config.max_steps, initial=step, disable=not enabled, desc="training", dynamic_ncols=True)
+        self.progress = tqdm(total=config.max_steps, initial=step, disable=not enabled, desc="training",
+                             dynamic_ncols=True)
 
     def step(self, step: int, stream: str, metrics: dict, seconds: float) -> None:
         """`step` optimizer steps are done; the last one took `seconds`."""
@@ -27,7 +28,8 @@ class Reporter:
         self.progress.update(1)
         self.progress.set_postfix(loss=f"{metrics['loss']:.3f}", kind=stream, tok_s=f"{tokens_per_second:.0f}")
         if self.config.report_to and (step % self.config.log_every == 0 or step == self.config.max_steps):
-            self.accelerator.log({f"loss/{stream}": metrics["loss"], "lr": metrics["lr"], "tokens_per_s": tokens_per_second},
+            self.accelerator.log({f"loss/{stream}": metrics["loss"], "lr": metrics["lr"],
+                                  "tokens_per_s": tokens_per_second},
                                  step=step)
 
     def close(self) -> None:

@@ -77,7 +77,8 @@ class JointTrainer:
         self.streams, self.names_by_stream = make_streams(config, self.group_of, caption_data, instruction_data, data)
         self.trained_names = sorted(tracked)
         self.metadata = adapter_metadata(model)
-        check_output_dir(config.output_dir)  # now, not at the first checkpoint (with checkpoint_every 0: after all steps)
+        # now, not at the first checkpoint (with checkpoint_every 0: after all steps)
+        check_output_dir(config.output_dir)
         self.backend = ds.DeepSpeedBackend(config) if ds.requested() else AccelerateBackend(config)
         self.accelerator = self.backend.accelerator
         if config.gradient_checkpointing:
@@ -135,8 +136,9 @@ class JointTrainer:
                         loss = self._loss(batch)
                         tokens += int(batch["attention_mask"].sum())
                     else:  # every row of this micro-batch was skipped as bad
-                        loss = backend.empty_loss(self.stream_parameters[stream.name],
-                                                  lambda: self._loss(stand_in_batch(stream, self.collate, slots, self.step)))
+                        loss = backend.empty_loss(
+                            self.stream_parameters[stream.name],
+                            lambda: self._loss(stand_in_batch(stream, self.collate, slots, self.step)))
                     finite = finite and bool(torch.isfinite(loss))
                     update = None
                     if last:  # a step with a non-finite loss on any process updates nothing

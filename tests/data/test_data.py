@@ -89,7 +89,8 @@ def test_caption_jsonl_and_coco_file_give_the_same_samples(tmp_path):
 
 
 def test_alpaca_input_follows_the_instruction_and_has_no_image(tmp_path):
-    path = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Name the capital.", "input": "France", "output": "Paris"}])
+    path = write_jsonl(tmp_path / "alpaca.jsonl",
+                       [{"instruction": "Name the capital.", "input": "France", "output": "Paris"}])
     sample = read_alpaca(path)[0]
     assert sample["messages"][0]["content"] == "Name the capital.\n\nFrance"
     assert sample["messages"][1]["content"] == "Paris" and sample["images"] == []
@@ -104,7 +105,8 @@ def test_unknown_format_or_missing_file_is_a_clear_error(tmp_path):
 
 # -- labels -------------------------------------------------------------------------------------------------------
 def test_labels_cover_exactly_each_answer_and_eos_in_a_multi_turn_chat(tokenizer):
-    messages = [{"role": "user", "content": "What is in the picture?"}, {"role": "assistant", "content": "A red circle."},
+    messages = [{"role": "user", "content": "What is in the picture?"},
+                {"role": "assistant", "content": "A red circle."},
                 {"role": "user", "content": "Is there a shape?"}, {"role": "assistant", "content": "Yes."}]
     example = encoder(tokenizer).encode_text({"messages": messages, "source": "s"})
     assert labelled(example) == answer_ids(tokenizer, "A red circle.") + answer_ids(tokenizer, "Yes.")
@@ -112,7 +114,8 @@ def test_labels_cover_exactly_each_answer_and_eos_in_a_multi_turn_chat(tokenizer
 
 
 def test_builtin_template_labels_answers_when_chat_template_is_off(tokenizer):
-    messages = [{"role": "user", "content": "What is in the picture?"}, {"role": "assistant", "content": "A red circle."}]
+    messages = [{"role": "user", "content": "What is in the picture?"},
+                {"role": "assistant", "content": "A red circle."}]
     example = encoder(tokenizer, use_chat_template=False).encode_text({"messages": messages, "source": "s"})
     prompt = tokenizer("USER: What is in the picture?\nASSISTANT:", add_special_tokens=False)["input_ids"]
     assert example["input_ids"] == prompt + answer_ids(tokenizer, "A red circle.")
@@ -152,7 +155,8 @@ def test_template_that_changes_the_answer_text_is_reported_as_misaligned(tokeniz
 
 
 def test_answer_partly_cut_by_max_length_is_kept_and_flagged_truncated(tokenizer):
-    messages = [{"role": "user", "content": "Colour?"}, {"role": "assistant", "content": "The colour is red, blue, green."}]
+    messages = [{"role": "user", "content": "Colour?"},
+                {"role": "assistant", "content": "The colour is red, blue, green."}]
     full = encoder(tokenizer).encode_text({"messages": messages, "source": "s"})
     cut = encoder(tokenizer, max_length=len(full["input_ids"]) - 3).encode_text({"messages": messages, "source": "s"})
     assert cut["truncated"] and cut["input_ids"] == full["input_ids"][:-3]
@@ -189,7 +193,8 @@ def test_skip_policy_reports_each_bad_row_by_file_row_and_reason(tokenizer, malf
     dataset = SampleDataset(read_llava(path), encoder(tokenizer, max_length=64), bad_samples="skip")
     kept = [example["source"] for _, example in dataset.iter_from(0)]
     assert kept == ["bad.jsonl:row 1", "bad.jsonl:row 8"]
-    assert {e.source: e.reason for e in dataset.report.bad} == {f"bad.jsonl:row {r}": why for r, why in expected.items()}
+    assert ({e.source: e.reason for e in dataset.report.bad}
+            == {f"bad.jsonl:row {r}": why for r, why in expected.items()})
     summary = dataset.report.summary()
     assert "8 rows seen, 6 bad" in summary and all(f"bad.jsonl:row {r}" in summary for r in expected)
 
@@ -205,7 +210,8 @@ def test_validate_finds_bad_rows_without_opening_images(tokenizer, malformed):
     path, expected = malformed
     report = SampleDataset(read_llava(path), encoder(tokenizer, max_length=64), bad_samples="skip").validate()
     image_faults = {reasons.MISSING_IMAGE, reasons.UNREADABLE_IMAGE}
-    assert sorted(report.sources()) == sorted(f"bad.jsonl:row {r}" for r, why in expected.items() if why not in image_faults)
+    assert sorted(report.sources()) == sorted(f"bad.jsonl:row {r}" for r, why in expected.items()
+                                              if why not in image_faults)
 
 
 def test_broken_json_array_stops_with_an_error_naming_the_row(tmp_path):
@@ -279,7 +285,8 @@ def test_resuming_at_a_position_continues_the_same_seeded_order(tokenizer, tmp_p
 def test_collated_batch_goes_through_forward_with_a_loss(vlm_factory, tmp_path):
     model = vlm_factory()
     png(tmp_path / "a.png", size=(40, 20))
-    rows = [llava_row(), {"conversations": [{"from": "human", "value": "Capital of France?"}, {"from": "gpt", "value": "Paris"}]}]
+    rows = [llava_row(), {"conversations": [{"from": "human", "value": "Capital of France?"},
+                                            {"from": "gpt", "value": "Paris"}]}]
     dataset = SampleDataset(read_llava(write_jsonl(tmp_path / "d.jsonl", rows)), SampleEncoder.for_model(model))
     batch = Collator.for_model(model)([dataset[0], dataset[1]])
     assert batch["pixel_values"].shape == (1, 3, 32, 32) and batch.sources == ["d.jsonl:row 1", "d.jsonl:row 2"]
@@ -318,4 +325,5 @@ def test_dataset_pickles_for_spawned_workers(tokenizer, malformed):
 
 def test_data_error_survives_pickling_with_its_fields():
     error = pickle.loads(pickle.dumps(DataError("d.jsonl:row 4", reasons.NO_ANSWER, "empty")))
-    assert (error.source, error.reason, str(error)) == ("d.jsonl:row 4", reasons.NO_ANSWER, "d.jsonl:row 4: no assistant answer (empty)")
+    assert (error.source, error.reason, str(error)) == (
+        "d.jsonl:row 4", reasons.NO_ANSWER, "d.jsonl:row 4: no assistant answer (empty)")

@@ -30,7 +30,8 @@ def test_methods_on_the_real_model_leave_text_logits_unchanged_and_round_trip(re
     ids = tokenizer("Describe a red circle.", return_tensors="pt").input_ids
     with torch.no_grad():
         before = model(ids).logits
-    pv.apply(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), pv.AdaptionPromptConfig(length=4, layers=2))
+    pv.apply(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+             pv.AdaptionPromptConfig(length=4, layers=2))
     with torch.no_grad():
         assert (model(ids).logits - before).abs().max().item() == 0
         for name, parameter in model.named_parameters():

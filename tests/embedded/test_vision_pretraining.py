@@ -14,7 +14,8 @@ import peft_vlm as pv  # noqa: E402
 from peft_vlm.embedded import tower_pretraining as vp  # noqa: E402
 
 # open_clip's tokenizer needs the full vocabulary; everything else is tiny.
-TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+TINY_CLIP = {"embed_dim": 16,
+             "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
              "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1}}
 
 
@@ -45,7 +46,8 @@ def test_tower_is_trained_once_then_read_from_the_cache_and_loads_frozen(cache, 
     assert vp.TowerRecipe(model="test-tiny-clip", steps=3, batch_size=8, limit=16).key() != recipe.key()
     weights = load_file(path)
     model = pv.VisionLanguageModel.from_pretrained(
-        llm=make_lm(), tokenizer=tokenizer, vision="test-tiny-clip", vision_pretrained=path, connector="downsample2x2_mlp",
+        llm=make_lm(), tokenizer=tokenizer, vision="test-tiny-clip", vision_pretrained=path,
+        connector="downsample2x2_mlp",
         vision_options={"feature_layer": -1})
     assert torch.equal(model.vision_tower.visual.conv1.weight, weights["visual.conv1.weight"])
     assert model.tokens_per_image == 4  # (32 / 8)^2 patches, 2x2 merged

@@ -16,7 +16,8 @@ PROBLEMS = {
     "12": {"question": "Which colour is the square?", "choices": ["red", "blue", "green"], "answer": 0, "hint": "",
            "image": "image.png", "lecture": "", "solution": "", "subject": "natural science", "split": "test"},
     "13": {"question": "Which word is a noun?", "choices": ["run", "table"], "answer": 1, "hint": "Parts of speech.",
-           "image": None, "lecture": "Nouns name things.", "solution": "A table is a thing.", "subject": "language science",
+           "image": None, "lecture": "Nouns name things.", "solution": "A table is a thing.",
+           "subject": "language science",
            "split": "test"},
     "14": {"question": "Which is a continent?", "choices": ["Asia", "Paris"], "answer": 0, "hint": "", "image": None,
            "lecture": "", "solution": "", "subject": "social science", "split": "test"},
@@ -79,6 +80,7 @@ def test_evaluate_answers_every_problem_with_the_model(scienceqa, vlm_factory):
 
 
 def test_a_malformed_problem_is_an_error_naming_it(tmp_path):
-    (tmp_path / "problems.json").write_text(json.dumps({"7": {"question": "?", "choices": ["a"], "answer": 3, "split": "test"}}))
+    (tmp_path / "problems.json").write_text(
+        json.dumps({"7": {"question": "?", "choices": ["a"], "answer": 3, "split": "test"}}))
     with pytest.raises(pv.ConfigError, match="problem 7: not in ScienceQA's layout"):
         read_problems(tmp_path / "problems.json")

@@ -21,17 +21,21 @@ def tiny_files(tmp_path, tokenizer, lm_factory):
     tokenizer.save_pretrained(lm)
     for name, colour in [("red.png", (220, 20, 20)), ("blue.png", (20, 20, 220))]:
         Image.new("RGB", (40, 40), colour).save(tmp_path / name)
-    conversations = [{"image": f"{c}.png", "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": c}]}
+    conversations = [{"image": f"{c}.png",
+                      "conversations": [{"from": "human", "value": "<image>\nWhat colour?"},
+                                    {"from": "gpt", "value": c}]}
                      for c in ["red", "blue"] * 3]
     (tmp_path / "llava.json").write_text(json.dumps(conversations))
-    (tmp_path / "captions.jsonl").write_text("".join(json.dumps({"image": f"{c}.png", "caption": f"A {c} square."}) + "\n" for c in ["red", "blue"] * 3))
+    (tmp_path / "captions.jsonl").write_text("".join(
+        json.dumps({"image": f"{c}.png", "caption": f"A {c} square."}) + "\n" for c in ["red", "blue"] * 3))
     alpaca = [{"instruction": "Name a colour.", "input": "", "output": c} for c in ["red", "blue"] * 3]
     (tmp_path / "alpaca.json").write_text(json.dumps(alpaca))
     return tmp_path
 
 
 def tiny_overrides(tmp_path, tiny_vit, *extra):
-    common = [f"model.language_model={tmp_path / 'lm'}", f"model.vision={tiny_vit}", f"train.output_dir={tmp_path / 'out'}",
+    common = [f"model.language_model={tmp_path / 'lm'}", f"model.vision={tiny_vit}",
+              f"train.output_dir={tmp_path / 'out'}",
               "train.batch_size=2", "train.report_to=null", "train.progress_bar=false", "train.checkpoint_every=0"]
     return [item for override in [*common, *extra] for item in ("--set", override)]
 
@@ -56,7 +60,8 @@ DATA = {
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_every_recipe_trains_a_few_steps_and_writes_an_adapter(name, tiny_files, tiny_vit, capsys):
     extra = [*RUNS[name], *(item.format(d=tiny_files) for item in DATA[name])]
-    assert cli(["train", str(RECIPES / f"{name}.yaml"), "--max-steps", "2", *tiny_overrides(tiny_files, tiny_vit, *extra)]) == 0
+    assert cli(["train", str(RECIPES / f"{name}.yaml"), "--max-steps", "2",
+                *tiny_overrides(tiny_files, tiny_vit, *extra)]) == 0
     out = capsys.readouterr().out
     adapter = tiny_files / "out" / ("finetune/adapter.safetensors" if name == "llava_lora" else "adapter.safetensors")
     assert adapter.is_file() and "trainable parameters" in out
@@ -79,7 +84,8 @@ def test_a_recipe_gives_the_same_adapter_whatever_the_process_drew_before(tiny_f
 
 def test_joint_recipe_reports_accuracy_with_real_and_grey_images(tiny_files, tiny_vit, capsys):
     recipe = str(RECIPES / "llama_adapter_v2_joint.yaml")
-    cli(["train", recipe, "--max-steps", "2", *tiny_overrides(tiny_files, tiny_vit, "eval.limit=6", "eval.zero_shot=true")])
+    cli(["train", recipe, "--max-steps", "2",
+         *tiny_overrides(tiny_files, tiny_vit, "eval.limit=6", "eval.zero_shot=true")])
     out = capsys.readouterr().out
     for row in ("trained, real image", "trained, grey image", "untouched model (zero-shot)", "text-only ceiling",
                 "adapter reloaded on a fresh base"):
@@ -90,13 +96,15 @@ def test_joint_recipe_reports_accuracy_with_real_and_grey_images(tiny_files, tin
 
 def test_generate_and_eval_commands_rebuild_the_base_from_the_adapter(tiny_files, tiny_vit, capsys):
     recipe = str(RECIPES / "llava_lora.yaml")
-    overrides = tiny_overrides(tiny_files, tiny_vit, "stages=null", "methods=[lora]", f"data.train.path={tiny_files}/llava.json",
+    overrides = tiny_overrides(tiny_files, tiny_vit, "stages=null", "methods=[lora]",
+                               f"data.train.path={tiny_files}/llava.json",
                                f"data.image_root={tiny_files}", "data.train.format=llava")
     assert cli(["train", recipe, "--max-steps", "1", *overrides]) == 0
     adapter = str(tiny_files / "out" / "adapter.safetensors")
     capsys.readouterr()
     base = ["--set", f"model.language_model={tiny_files / 'lm'}"]
-    assert cli(["generate", adapter, "--image", str(tiny_files / "red.png"), "--prompt", "What colour?", "--max-new-tokens", "3", *base]) == 0
+    assert cli(["generate", adapter, "--image", str(tiny_files / "red.png"), "--prompt", "What colour?",
+                "--max-new-tokens", "3", *base]) == 0
     assert capsys.readouterr().out.strip()
     assert cli(["eval", adapter, "--data", str(tiny_files / "llava.json"), "--limit", "2", "--perplexity", *base]) == 0
     out = capsys.readouterr().out
@@ -135,7 +143,8 @@ def test_two_stage_recipe_adds_methods_per_stage_and_replaces_data_streams():
     assert finetune["train"]["learning_rate"] == 2e-4 and finetune["train"]["batch_size"] == 16
 
 
-def test_joint_recipe_draws_accuracy_against_steps_and_checks_the_reload_on_the_first_questions(tiny_files, tiny_vit, capsys):
+def test_joint_recipe_draws_accuracy_against_steps_and_checks_the_reload_on_the_first_questions(
+        tiny_files, tiny_vit, capsys):
     recipe = str(RECIPES / "llama_adapter_v2_joint.yaml")
     overrides = tiny_overrides(tiny_files, tiny_vit, "eval.limit=6", "eval.zero_shot=2", "eval.verify_reload=4",
                                "eval.curve={every: 2, per_type: 1}", "train.mixed_precision=bf16")
@@ -143,6 +152,7 @@ def test_joint_recipe_draws_accuracy_against_steps_and_checks_the_reload_on_the_
     out = capsys.readouterr().out
     assert "identical answers on the first 4 questions" in out and "questions: 6 (per type:" in out
     points = json.loads((tiny_files / "out" / "accuracy_curve.json").read_text())
-    assert [(p["step"], p["image"]) for p in points] == [(step, image) for step in (0, 2, 3) for image in ("real", "grey")]
+    assert [(p["step"], p["image"]) for p in points] == [
+        (step, image) for step in (0, 2, 3) for image in ("real", "grey")]
     assert all(set(p) >= {"color", "shape", "yes/no"} for p in points)
     assert (tiny_files / "out" / "accuracy_curve.png").stat().st_size > 1000

@@ -79,7 +79,8 @@ def main() -> None:
     pv.apply(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
     encoder = SampleEncoder.for_model(model)
     config = pv.TrainConfig(
-        output_dir=args.output_dir, max_steps=args.max_steps, batch_size=2, gradient_accumulation_steps=args.accumulation,
+        output_dir=args.output_dir, max_steps=args.max_steps, batch_size=2,
+        gradient_accumulation_steps=args.accumulation,
         learning_rate=5e-3, weight_decay=0.1, warmup_steps=2, checkpoint_every=args.checkpoint_every,
         caption_ratio=0.5, report_to=None, progress_bar=False,
     )

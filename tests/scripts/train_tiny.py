@@ -31,7 +31,8 @@ def samples(kind: str, count: int) -> SampleList:
         name, rgb = list(COLOURS.items())[index % len(COLOURS)]
         image = Image.new("RGB", (32, 32), rgb)
         if kind == "caption":
-            messages = [{"role": "user", "content": "<image>\nDescribe the image."}, {"role": "assistant", "content": f"A {name} square."}]
+            messages = [{"role": "user", "content": "<image>\nDescribe the image."},
+                        {"role": "assistant", "content": f"A {name} square."}]
         else:
             messages = [{"role": "user", "content": "<image>\nWhat colour?"}, {"role": "assistant", "content": name}]
         rows.append({"messages": messages, "images": [image], "source": f"{kind}:{index}"})
@@ -64,7 +65,8 @@ def main() -> None:
     tokenizer = make_tokenizer()
     vision = register_tiny_vit(Path(tempfile.mkdtemp()))
     model = make_vlm(tokenizer, vision)
-    pv.apply(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=args.lora_dropout, target_modules=["q_proj", "v_proj"]))
+    pv.apply(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=args.lora_dropout,
+                                    target_modules=["q_proj", "v_proj"]))
     encoder = SampleEncoder.for_model(model)
     config = pv.TrainConfig(
         output_dir=args.output_dir, max_steps=args.max_steps, batch_size=args.batch_size,
@@ -81,7 +83,8 @@ def main() -> None:
     if trainer.accelerator.is_main_process:
         (Path(args.output_dir) / "history.json").write_text(json.dumps(result.history))
         sharded = any(isinstance(p, DTensor) for p in trainer.model.parameters())
-        run = {"world_size": trainer.accelerator.num_processes, "sharded": sharded, "wrapper": type(trainer.model).__name__}
+        run = {"world_size": trainer.accelerator.num_processes, "sharded": sharded,
+               "wrapper": type(trainer.model).__name__}
         (Path(args.output_dir) / "run.json").write_text(json.dumps(run))
 
 

@@ -60,7 +60,8 @@ def test_runs_of_different_precision_follow_each_other_in_one_process(vlm_factor
 
     for index, precision in enumerate(("no", "bf16", "no")):
         model = pv.apply(vlm_factory(), pv.BiasScaleConfig())
-        samples = [{"messages": [{"role": "user", "content": "<image> colour?"}, {"role": "assistant", "content": "red"}],
+        samples = [{"messages": [{"role": "user", "content": "<image> colour?"},
+                                 {"role": "assistant", "content": "red"}],
                     "images": [images[0]]}] * 2
         config = pv.TrainConfig(output_dir=str(tmp_path / str(index)), max_steps=1, batch_size=2, report_to=None,
                                 progress_bar=False, mixed_precision=precision, checkpoint_every=0)

@@ -23,7 +23,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def run_script(output, *args, processes=1, wait=True):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+                if processes > 1 else [sys.executable])
     command = [*launcher, str(SCRIPT), str(output), *map(str, args)]
     if not wait:
         return subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -40,7 +41,8 @@ def joint(vlm_factory):
 
 
 def group_tensors(model, group):
-    return {n: p.detach().clone() for n, (p, _, g) in pv.runtime.tracking.named_tracked_parameters(model).items() if g == group}
+    return {n: p.detach().clone()
+            for n, (p, _, g) in pv.runtime.tracking.named_tracked_parameters(model).items() if g == group}
 
 
 def test_caption_steps_never_move_language_parameters_and_instruction_steps_never_move_vision(joint, tmp_path):
@@ -49,12 +51,14 @@ def test_caption_steps_never_move_language_parameters_and_instruction_steps_neve
                             report_to=None, progress_bar=False, checkpoint_every=0)
     trainer = pv.JointTrainer(model, config, caption_data=captions, instruction_data=instructions)
     trainer.model.train()
-    for kind, moved, still in [("caption", "vision", "language"), ("instruction", "language", "vision"), ("caption", "vision", "language")]:
+    for kind, moved, still in [("caption", "vision", "language"), ("instruction", "language", "vision"),
+                               ("caption", "vision", "language")]:
         before_moved, before_still = group_tensors(model, moved), group_tensors(model, still)
         trainer._train_step(trainer.streams[kind])
         after_moved, after_still = group_tensors(model, moved), group_tensors(model, still)
         assert all(torch.equal(before_still[n], after_still[n]) for n in before_still), f"{kind} step moved {still}"
-        assert any(not torch.equal(before_moved[n], after_moved[n]) for n in before_moved), f"{kind} step did not train {moved}"
+        assert any(not torch.equal(before_moved[n], after_moved[n]) for n in before_moved), (
+            f"{kind} step did not train {moved}")
 
 
 def test_each_group_has_its_own_optimizer_state(joint, tmp_path):
@@ -86,7 +90,8 @@ def test_groups_that_overlap_or_match_nothing_are_refused(joint, tmp_path):
 
 def test_non_finite_losses_are_skipped_and_too_many_stop_with_a_checkpoint(joint, tmp_path):
     model, captions, instructions = joint
-    config = pv.TrainConfig(output_dir=str(tmp_path), max_steps=10, max_nonfinite_steps=3, report_to=None, progress_bar=False)
+    config = pv.TrainConfig(output_dir=str(tmp_path), max_steps=10, max_nonfinite_steps=3, report_to=None,
+                            progress_bar=False)
     trainer = pv.JointTrainer(model, config, data=instructions)
     with torch.no_grad():
         model.connector.mlp[0].weight.fill_(float("nan"))
@@ -137,14 +142,15 @@ def test_two_processes_write_the_same_adapter_as_one(tmp_path, sharding):
 def test_gradient_checkpointing_gives_the_same_step(vlm_factory, tmp_path):
     updated = []
     for checkpointing in (False, True):
-        model = pv.apply(vlm_factory(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), pv.AdaptionPromptConfig(length=2, layers=2))
+        model = pv.apply(vlm_factory(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+                         pv.AdaptionPromptConfig(length=2, layers=2))
         with torch.no_grad():
             for name, parameter in model.named_parameters():
                 if name.endswith(".gate"):
                     parameter.fill_(0.5)
         encoder = SampleEncoder.for_model(model)
-        config = pv.TrainConfig(output_dir=str(tmp_path / str(checkpointing)), max_steps=1, batch_size=2, report_to=None,
-                                progress_bar=False, gradient_checkpointing=checkpointing)
+        config = pv.TrainConfig(output_dir=str(tmp_path / str(checkpointing)), max_steps=1, batch_size=2,
+                                report_to=None, progress_bar=False, gradient_checkpointing=checkpointing)
         trainer = pv.JointTrainer(model, config, data=SampleDataset(samples("instruction", 4), encoder))
         trainer.model.train()
         trainer._train_step(trainer.streams["train"])

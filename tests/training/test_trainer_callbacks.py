@@ -28,7 +28,8 @@ def test_callbacks_run_after_every_optimizer_step_with_the_steps_done(vlm_factor
     def record(trainer, step):
         calls.append((step, trainer.step, len(trainer.history), trainer.history[-1]["stream"]))
 
-    trainer = trainer_for(vlm_factory, tmp_path, callbacks=[record, lambda trainer, step: calls.append(("second", step))])
+    trainer = trainer_for(vlm_factory, tmp_path,
+                          callbacks=[record, lambda trainer, step: calls.append(("second", step))])
     result = trainer.train()
     recorded = [call for call in calls if call[0] != "second"]
     assert [call[:3] for call in recorded] == [(step, step, step) for step in range(1, 5)]

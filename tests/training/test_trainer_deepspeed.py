@@ -23,7 +23,8 @@ COMMON = ["--max-steps", 6, "--checkpoint-every", 2, "--nan-at", 2, "--accumulat
 def launch(output: Path, *args, zero_stage: int | None = None) -> list[dict]:
     """One process without DeepSpeed, or `accelerate launch` with recipes/accelerate/deepspeed_zero{stage}.yaml."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    for name in [n for n in env if n in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") or n.startswith("ACCELERATE_")]:
+    for name in [n for n in env if n in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+                 or n.startswith("ACCELERATE_")]:
         env.pop(name)
     if zero_stage is None:
         launcher = [sys.executable]
@@ -65,10 +66,12 @@ def assert_groups_kept_apart(output: Path, history: list[dict]) -> None:
     ranks = runs(output)
     assert len(ranks) == 2 and all(run["world_size"] == 2 for run in ranks)
     for run in ranks:
-        assert [(c["step"], c["skipped"]) for c in run["checks"]] == [(h["step"], h["skipped"]) for h in history[-len(run["checks"]):]]
+        assert [(c["step"], c["skipped"]) for c in run["checks"]] == [
+            (h["step"], h["skipped"]) for h in history[-len(run["checks"]):]]
         for check in run["checks"]:
             assert check["others_unchanged"], f"step {check['step']} ({check['stream']}) moved another stream's group"
-            assert check["trained_moved"] != check["skipped"], f"step {check['step']}: trained {check['trained_moved']}, skipped {check['skipped']}"
+            assert check["trained_moved"] != check["skipped"], (
+                f"step {check['step']}: trained {check['trained_moved']}, skipped {check['skipped']}")
         for key, steps in run["optimizer_steps"].items():  # AdamW steps of each partition: its stream's steps taken
             taken = sum(1 for h in history if h["stream"] == key.split("/")[0] and not h["skipped"])
             assert steps and all(step == taken for step in steps), (key, steps, taken)
@@ -120,7 +123,8 @@ def test_stream_adamw_steps_only_the_active_streams_groups():
     from peft_vlm.training.deepspeed import StreamAdamW
 
     vision, language = torch.nn.Parameter(torch.ones(3, 3)), torch.nn.Parameter(torch.ones(3, 3))
-    optimizer = StreamAdamW([{"params": [vision], "stream": "caption"}, {"params": [language], "stream": "instruction"}],
+    optimizer = StreamAdamW([{"params": [vision], "stream": "caption"},
+                             {"params": [language], "stream": "instruction"}],
                             lr=0.1, weight_decay=0.5)
     for parameter in (vision, language):
         parameter.grad = torch.ones(3, 3)
@@ -141,10 +145,12 @@ def test_a_deepspeed_config_that_disagrees_with_the_recipe_is_refused(tmp_path):
     from peft_vlm.training.config import TrainConfig
     from peft_vlm.training.deepspeed import prepare
 
-    ds_config = {"gradient_accumulation_steps": 1, "gradient_clipping": "auto", "train_micro_batch_size_per_gpu": "auto"}
+    ds_config = {"gradient_accumulation_steps": 1, "gradient_clipping": "auto",
+                 "train_micro_batch_size_per_gpu": "auto"}
     accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds_config)))
     config = TrainConfig(output_dir=str(tmp_path), gradient_accumulation_steps=4)
-    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps=1 vs TrainConfig.gradient_accumulation_steps=4"):
+    with pytest.raises(ConfigError,
+                       match=r"gradient_accumulation_steps=1 vs TrainConfig.gradient_accumulation_steps=4"):
         prepare(accelerator, torch.nn.Linear(2, 2), None, config)
     with pytest.raises(ConfigError, match=r"TrainConfig.sharding='fsdp2' does not apply under DeepSpeed"):
         prepare(accelerator, torch.nn.Linear(2, 2), None, TrainConfig(output_dir=str(tmp_path), sharding="fsdp2"))
