@@ -370,38 +370,49 @@ def evaluation_precision(mixed_precision: str | None):
     return contextlib.nullcontext
 
 
-def accuracy_curve(model, eval_spec: dict, questions: list, output_dir: str, precision) -> list:
+def accuracy_curve(model, evaluation: "Evaluation", output_dir: str) -> list:
     """The trainer callbacks of `eval.curve: {every, per_type}` (none without it); its first point is the model
     before training."""
-    curve = eval_spec.get("curve")
-    if not curve or not questions:
+    curve = evaluation.spec.get("curve")
+    if not curve or not evaluation.questions:
         return []
     from peft_vlm.evaluation.curve import AccuracyCurve, evenly_by_type
 
-    sample = evenly_by_type(questions, int(curve.get("per_type", 40)))
-    tracker = AccuracyCurve(sample, int(curve["every"]), output_dir, batch_size=int(eval_spec.get("batch_size", 16)))
-    with precision():
+    sample = evenly_by_type(evaluation.questions, int(curve.get("per_type", 40)))
+    tracker = AccuracyCurve(sample, int(curve["every"]), output_dir, batch_size=evaluation.batch_size)
+    with evaluation.precision():
         tracker.measure(model, 0)
 
     def evaluate(trainer, step):
-        with precision():
+        with evaluation.precision():
             tracker(trainer, step)
 
     return [evaluate]
 
 
+class Evaluation:
+    """The recipe's `eval` section: its questions, in the precision training ran in."""
+
+    def __init__(self, recipe: dict):
+        self.spec = recipe.get("eval") or {}
+        self.questions = evaluation_questions(self.spec) if self.spec else []
+        self.precision = evaluation_precision((recipe.get("train") or {}).get("mixed_precision"))
+        self.batch_size = int(self.spec.get("batch_size", 16))
+
+    def answer(self, model, count: bool | int = True, **options):
+        from peft_vlm.evaluation import vqa
+
+        with self.precision():
+            return vqa.vqa_accuracy(model, first(self.questions, count), batch_size=self.batch_size, **options)
+
+
 def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
     """Build the model, train every stage, save the adapter, evaluate; returns the figures it printed."""
-    import functools
     import time
 
     from accelerate.utils import set_seed
 
-    from peft_vlm.data import SampleEncoder
-    from peft_vlm.methods.apply import apply
-    from peft_vlm.methods.summary import trainable_summary
-    from peft_vlm.training import JointTrainer, TrainConfig
-    from peft_vlm.evaluation import vqa
+    from peft_vlm.training import TrainConfig
 
     check_recipe(recipe)
     start = time.time()
@@ -410,16 +421,26 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
     # recipe gives the same run whatever ran before it in the process (a tower pretrained on first use, say).
     set_seed(int((recipe.get("train") or {}).get("seed", TrainConfig.seed)))
     model = build_model(recipe.get("model") or {})
-    eval_spec = recipe.get("eval") or {}
-    questions = evaluation_questions(eval_spec) if eval_spec else []
-    precision = evaluation_precision((recipe.get("train") or {}).get("mixed_precision"))
-    answer = functools.partial(vqa.vqa_accuracy, batch_size=int(eval_spec.get("batch_size", 16)))
-    if questions and eval_spec.get("zero_shot"):
-        with precision():
-            figures["zero_shot"] = answer(model, first(questions, eval_spec["zero_shot"]), progress=True)
+    evaluation = Evaluation(recipe)
+    if evaluation.questions and evaluation.spec.get("zero_shot"):
+        figures["zero_shot"] = evaluation.answer(model, evaluation.spec["zero_shot"], progress=True)
         log(f"zero-shot (untouched model): {figures['zero_shot']}")
+    trainer, result = train_stages(model, recipe, evaluation, log)
+    if not trainer.accelerator.is_main_process:
+        return figures
+    figures.update(evaluate_trained(model, recipe, evaluation, result))
+    figures["wall_seconds"] = time.time() - start
+    return figures
+
+
+def train_stages(model, recipe: dict, evaluation: Evaluation, log=print):
+    """Apply each stage's methods and train it; (the last trainer, its result)."""
+    from peft_vlm.data import SampleEncoder
+    from peft_vlm.methods.apply import apply
+    from peft_vlm.methods.summary import trainable_summary
+    from peft_vlm.training import JointTrainer, TrainConfig
+
     all_stages = stages(recipe)
-    result = None
     for stage in all_stages:
         apply(model, *method_specs(stage["methods"]))
         data = dict(stage["data"] or {})
@@ -439,37 +460,44 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
             model, config,
             data=datasets.get("train"), caption_data=datasets.get("captions"),
             instruction_data=datasets.get("instructions"),
-            callbacks=accuracy_curve(model, eval_spec, questions, config.output_dir, precision),
+            callbacks=accuracy_curve(model, evaluation, config.output_dir),
         )
         result = trainer.train()
         for dataset in datasets.values():
             if dataset.report.bad or dataset.report.truncated:
                 log(dataset.report.summary())
         if not trainer.accelerator.is_main_process:
-            return figures
-    figures["adapter"] = str(result.adapter_path)
-    figures["adapter_bytes"] = result.adapter_path.stat().st_size
-    figures["trainable_parameters"] = trainable_summary(model).trainable_parameters
-    figures["train_seconds"] = result.seconds
-    if questions:
-        with precision():
-            figures["accuracy"] = answer(model, questions, progress=True)
-            if eval_spec.get("grey_image"):
-                figures["grey_image"] = answer(model, questions, replace_image=vqa.grey_image(model))
-        if eval_spec.get("format") == "easy_vqa" and eval_spec.get("text_only_ceiling"):
-            from peft_vlm.data import easy_vqa
+            break
+    return trainer, result
 
-            figures["text_only_ceiling"] = easy_vqa.text_only_ceiling()
-        if eval_spec.get("verify_reload"):
-            # the shared file must be the whole story: a fresh base plus the adapter answers exactly the same (on
-            # the first `verify_reload` questions, or all of them with `true`)
-            from peft_vlm.methods.adapter_file import load_adapter
 
-            reloaded = load_adapter(build_model(recipe.get("model") or {}), result.adapter_path)
-            with precision():
-                figures["reloaded"] = answer(reloaded, first(questions, eval_spec["verify_reload"]))
-            answers = [given for _, _, given in figures["accuracy"].examples[:len(figures["reloaded"].examples)]]
-            figures["reload_identical"] = answers == [given for _, _, given in figures["reloaded"].examples]
-    figures["wall_seconds"] = time.time() - start
+def evaluate_trained(model, recipe: dict, evaluation: Evaluation, result) -> dict[str, Any]:
+    """The trained model's figures: adapter size, accuracy with the real and a grey image, the text-only ceiling,
+    and the saved adapter reloaded onto a freshly built base."""
+    from peft_vlm.evaluation import vqa
+    from peft_vlm.methods.summary import trainable_summary
+
+    figures: dict[str, Any] = {
+        "adapter": str(result.adapter_path), "adapter_bytes": result.adapter_path.stat().st_size,
+        "trainable_parameters": trainable_summary(model).trainable_parameters, "train_seconds": result.seconds,
+    }
+    spec = evaluation.spec
+    if not evaluation.questions:
+        return figures
+    figures["accuracy"] = evaluation.answer(model, progress=True)
+    if spec.get("grey_image"):
+        figures["grey_image"] = evaluation.answer(model, replace_image=vqa.grey_image(model))
+    if spec.get("format") == "easy_vqa" and spec.get("text_only_ceiling"):
+        from peft_vlm.data import easy_vqa
+
+        figures["text_only_ceiling"] = easy_vqa.text_only_ceiling()
+    if spec.get("verify_reload"):
+        # the shared file must be the whole story: a fresh base plus the adapter answers exactly the same (on the
+        # first `verify_reload` questions, or all of them with `true`)
+        from peft_vlm.methods.adapter_file import load_adapter
+
+        reloaded = load_adapter(build_model(recipe.get("model") or {}), result.adapter_path)
+        figures["reloaded"] = evaluation.answer(reloaded, spec["verify_reload"])
+        answers = [given for _, _, given in figures["accuracy"].examples[:len(figures["reloaded"].examples)]]
+        figures["reload_identical"] = answers == [given for _, _, given in figures["reloaded"].examples]
     return figures
-
