@@ -31,7 +31,7 @@ def test_every_cpu_benchmark_runs_quickly_without_recording(benchmarks, capsys):
     for name, options in QUICK_RUNS.items():
         benchmarks(name).main([*options, "--no-record"])
         assert "| --- |" in capsys.readouterr().out, f"{name} printed no table"
-    gpu_7b = benchmarks("gpu_7b")
+    gpu_7b = benchmarks("bench_gpu_7b")
     gpu_7b.main(["--quick", "--shape", "tiny", "--device", "cpu", "--no-record"])  # the GPU script's logic, on CPU
     printed = capsys.readouterr().out
     assert "| peft_vlm LoRA r=8 |" in printed and "| QLoRA r=8, batch 1 x 2048 |" in printed

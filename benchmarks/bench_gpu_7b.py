@@ -11,9 +11,9 @@ share one copy of the frozen weights and alternate step by step; figures are med
 QLoRA: the decoder's linear layers quantized to 4-bit NF4 (bitsandbytes), LoRA r=8 on every projection, gradient
 checkpointing, batch 1; its peak allocated memory is compared with the QLoRA paper's and LLaMA-Factory's ~6 GB.
 
-    python benchmarks/gpu_7b.py             # needs a CUDA GPU (about 45 GB free at the defaults)
-    python benchmarks/gpu_7b.py --quick     # SmolLM2 shape, few steps: checks the script on any GPU
-    python benchmarks/gpu_7b.py --quick --shape tiny --device cpu --no-record   # checks its logic on CPU (the test
+    python benchmarks/bench_gpu_7b.py             # needs a CUDA GPU (about 45 GB free at the defaults)
+    python benchmarks/bench_gpu_7b.py --quick     # SmolLM2 shape, few steps: checks the script on any GPU
+    python benchmarks/bench_gpu_7b.py --quick --shape tiny --device cpu --no-record   # checks its logic on CPU (the test
                                             # suite does); CPU figures say nothing about a GPU and are never recorded
 """
 from __future__ import annotations
@@ -141,7 +141,7 @@ def main(argv=None) -> None:
     args = common.parse(parser, argv)
     cpu_check = args.device == "cpu" and args.quick and args.no_record
     if not (args.device == "cuda" and torch.cuda.is_available()) and not cpu_check:
-        sys.exit("gpu_7b.py needs a CUDA GPU and none is available here: GPU figures stay 'not measured'. "
+        sys.exit("bench_gpu_7b.py needs a CUDA GPU and none is available here: GPU figures stay 'not measured'. "
                  "(`--quick --shape tiny --device cpu --no-record` checks the script's logic on CPU.)")
     if args.quick:
         args.steps, args.warmup = 3, 1
@@ -154,7 +154,7 @@ def main(argv=None) -> None:
     setup = (f"{args.shape} shape, random bf16 weights, batch {args.batch} x {args.seq} tokens, AdamW, median of "
              f"{args.steps} alternating steps after {args.warmup} warm-up, SDPA, "
              "no gradient checkpointing (QLoRA: with)")
-    common.report("gpu_7b", setup, [*lines, "", *qlora_lines], [*notes, *qlora_notes], args.device, not args.no_record)
+    common.report("bench_gpu_7b", setup, [*lines, "", *qlora_lines], [*notes, *qlora_notes], args.device, not args.no_record)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ group, question batches the `language` group. Then it answers a fixed subset of 
 image. "overall" weights the per-type accuracies by the types' shares of the whole test split (yes/no 73.8%,
 colour 13.2%, shape 13.0%), so it compares with the text-only ceiling on the full split (67.0%).
 
-    python benchmarks/vision_levers.py --steps 60                        # a quick look
-    python benchmarks/vision_levers.py --steps 240 --per-type 100        # full budget
+    python benchmarks/bench_vision_levers.py --steps 60                        # a quick look
+    python benchmarks/bench_vision_levers.py --steps 240 --per-type 100        # full budget
 
 One result line is printed and appended to benchmarks/VISION_LEVERS.md with the command, the load and the date.
 """
@@ -128,7 +128,7 @@ def main() -> None:
         return [f"{100 * weighted_overall(accuracy):.1f}"] + [f"{100 * accuracy[k]:.1f}" for k in ev.QUESTION_TYPES]
 
     load = os.getloadavg()[0]
-    command = "python benchmarks/vision_levers.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/bench_vision_levers.py " + " ".join(sys.argv[1:])
     row = [datetime.date.today().isoformat(), f"{load:.1f}", f"`{command}`", f"{result.seconds:.0f} ({cpu:.0f})",
            str(result.steps),
            f"{result.seconds / result.steps:.2f}", *cells(real), *cells(grey)]
@@ -138,7 +138,7 @@ def main() -> None:
           f"\n  grey: {grey}  weighted overall {100 * weighted_overall(grey):.1f}%")
     if not args.no_record:
         if not RESULTS.exists():
-            RESULTS.write_text("# Does the model use the image? (benchmarks/vision_levers.py)\n\n"
+            RESULTS.write_text("# Does the model use the image? (benchmarks/bench_vision_levers.py)\n\n"
                                f"{__doc__.split(chr(10) + chr(10))[1]}\n\n{HEADER}")
         with RESULTS.open("a") as file:
             file.write("| " + " | ".join(row) + " |\n")

@@ -1,6 +1,6 @@
 """Method comparison on the embedded default: the same steps on the same easy-VQA data for every method.
 
-    python benchmarks/compare_methods.py [--steps 140] [--limit 300] [--only lora,qlora] [--jobs 2] [--resume]
+    python benchmarks/bench_compare_methods.py [--steps 140] [--limit 300] [--only lora,qlora] [--jobs 2] [--resume]
 
 Each method runs in its own process (so peak memory is its own) through the `llama_adapter_v2_joint` recipe with the
 method swapped in: caption and instruction batches in the same order, the same evaluation questions. Prints a table
@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=300,
                         help="evaluation questions (evenly spaced over the test split)")
     parser.add_argument("--only", help="comma-separated subset of method names (substring match)")
-    parser.add_argument("--out", default="out/compare_methods")
+    parser.add_argument("--out", default="out/bench_compare_methods")
     parser.add_argument("--jobs", type=int, default=1, help="methods trained at once")
     parser.add_argument("--resume", action="store_true", help="keep the figures of methods an interrupted run finished")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one method in this process
@@ -147,7 +147,7 @@ def main() -> None:
               else f"CPU ({os.cpu_count()} cores)")
     entry = (
         f"\n## Method comparison on the embedded default ({date.today()})\n\n"
-        f"Command: `python benchmarks/compare_methods.py {' '.join(sys.argv[1:])}`  \n"
+        f"Command: `python benchmarks/bench_compare_methods.py {' '.join(sys.argv[1:])}`  \n"
         f"Machine: {device}, {platform.platform()}, load average {os.getloadavg()[0]:.1f} at the end  \n"
         f"Methods trained {args.jobs} at a time, {threads} thread(s) each.  \n"
         f"{args.steps} steps per method, recipe `llama_adapter_v2_joint` with the method swapped in; accuracy on "
