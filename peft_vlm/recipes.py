@@ -258,7 +258,7 @@ def build_model(spec: dict):
         from peft_vlm.embedded.tower_pretraining import PRETRAINED_VISION, pretrained_tower
 
         vision, spec["vision_pretrained"] = PRETRAINED_VISION, pretrained_tower()
-        # the last block: a linear probe reads shape there at 83%, at 76% from the second to last
+        # the last block: linear probes read shape best there (benchmarks/VISION_LEVERS.md)
         spec["vision_options"] = {"feature_layer": -1, **spec.get("vision_options", {})}
     elif isinstance(vision, list):  # two fused towers, either of them may be the embedded one
         if CONTRASTIVE_VISION in vision:

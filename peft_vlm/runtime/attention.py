@@ -141,7 +141,8 @@ def gated_token_attention(
     keys, values = keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1)
     scale = getattr(call.module, "scaling", None) or call.query.shape[-1] ** -0.5
     # Plain matmuls and a float32 softmax rather than SDPA: against a handful of tokens the fused CPU kernels cost
-    # more than the arithmetic (in bf16 their backward is ~20x slower here), and the result is the same.
+    # more than the arithmetic (in bf16 their backward is far slower; benchmarks/bench_cpu_mfu.py), and the result
+    # is the same.
     scores = (call.query @ keys.transpose(-1, -2)) * scale
     if token_mask is not None:
         scores = scores.masked_fill(~token_mask[:, None, None, :], float("-inf"))
