@@ -119,7 +119,7 @@ def build_model(spec: dict):
             )
         vision = [register_default_vision() if tower == EMBEDDED else tower for tower in vision]
     known = {"vision_pretrained", "connector", "load_in_4bit", "vision_options", "dtype", "train_vision_tower",
-             "image_boundaries", "use_chat_template"}
+             "image_boundaries", "use_chat_template", "train_projector"}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise ConfigError(f"model section: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")

@@ -163,7 +163,7 @@ class TransformersVLM(nn.Module):
         return self
 
     # -- text and images -------------------------------------------------------------------------------------------
-    def _prompt_text(self, prompt: str, images: int, chat: bool) -> str:
+    def prompt_text(self, prompt: str, images: int, chat: bool) -> str:
         image_token = getattr(self.processor, "image_token", None) or self.tokenizer.convert_ids_to_tokens(self.image_token_id)
         if chat and getattr(self.processor, "chat_template", None):
             content = [{"type": "image"}] * images + [{"type": "text", "text": prompt}]
@@ -181,7 +181,7 @@ class TransformersVLM(nn.Module):
         with `answers`, labels cover the answers (and the end-of-sequence token) only."""
         chat = self.use_chat_template if chat is None else chat
         per_prompt = [_as_list(images[i] if images is not None else None) for i in range(len(prompts))]
-        texts = [self._prompt_text(p, len(own), chat) for p, own in zip(prompts, per_prompt)]
+        texts = [self.prompt_text(p, len(own), chat) for p, own in zip(prompts, per_prompt)]
         flat_images = [image for own in per_prompt for image in own]
         if answers is None:
             return dict(self._process(texts, flat_images))

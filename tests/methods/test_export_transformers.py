@@ -1,0 +1,130 @@
+"""`pv.export_transformers`: folders that plain transformers loads, giving the same logits and greedy answers."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file
+
+import peft_vlm as pv
+from tiny_transformers_vlms import BUILDERS, pictures, wrapped
+
+ARCHITECTURES = list(BUILDERS)
+RELOAD = Path(__file__).parents[1] / "scripts" / "reload_transformers_export.py"
+PROMPTS = ["What is in the picture?", "Describe the image in one sentence. Is there a shape?"]
+# Qwen2-VL's o_proj and MLP have no bias in transformers: bias/scale there has no native form (see the refusal test)
+BIAS_SCALE = {"llava": pv.BiasScaleConfig(), "qwen2_vl": pv.BiasScaleConfig(targets=["q_proj", "k_proj", "v_proj"])}
+
+
+def trained(arch, *configs, steps=3):
+    model = wrapped(arch)
+    pv.apply(model, *configs)
+    inputs = model.tokenize(PROMPTS, images=pictures(2), answers=["A red circle.", "Yes."])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(**inputs).loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def reload_in_plain_transformers(folder, model, tmp_path, max_new_tokens=5):
+    """Run the reload script in a fresh process that never imports peft_vlm; its input_ids, logits, new tokens."""
+    images = []
+    for index, picture in enumerate(pictures(2)):
+        images.append(str(tmp_path / f"image{index}.png"))
+        picture.save(images[-1])
+    request = {"texts": [model.prompt_text(p, 1, True) for p in PROMPTS], "images": images,
+               "max_new_tokens": max_new_tokens}
+    (tmp_path / "request.json").write_text(json.dumps(request))
+    output = tmp_path / "reloaded.safetensors"
+    subprocess.run([sys.executable, str(RELOAD), str(folder), str(tmp_path / "request.json"), str(output)],
+                   check=True, capture_output=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    return load_file(str(output))
+
+
+@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_wrapped_model_exports_its_own_architecture_with_the_same_logits_and_answers(arch, merged, tmp_path):
+    model = trained(arch, BIAS_SCALE[arch], peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"]))
+    if merged:
+        pv.merge(model)
+    pv.export_transformers(model, tmp_path / "exported")
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert config["architectures"] == [type(model.model).__name__] and "peft_vlm" not in json.dumps(config)
+    reloaded = reload_in_plain_transformers(tmp_path / "exported", model, tmp_path)
+    inputs = model.tokenize(PROMPTS, images=pictures(2))
+    assert torch.equal(reloaded["input_ids"], inputs["input_ids"])
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    assert torch.allclose(reloaded["logits"], expected, atol=1e-4, rtol=0)
+    assert reloaded["new_tokens"].tolist() == model.generate_ids(**inputs, max_new_tokens=5).tolist()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_export_leaves_an_unmerged_model_unmerged(arch, tmp_path):
+    model = trained(arch, BIAS_SCALE[arch], peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    inputs = model.tokenize(PROMPTS, images=pictures(2))
+    with torch.no_grad():
+        before = model(**inputs).logits
+    pv.export_transformers(model, tmp_path)
+    assert any(isinstance(m, LoraLayer) for m in model.modules())
+    with torch.no_grad():
+        assert torch.allclose(model(**inputs).logits, before, atol=1e-5, rtol=0)
+    pv.save_adapter(model, tmp_path / "adapter")  # still an unmerged, savable model
+
+
+@pytest.mark.parametrize("config, name", [
+    (pv.AdaptionPromptConfig(length=2, layers=1), "adaption_prompt"),
+    (pv.VisualExpertConfig(rank=2), "visual_expert"),
+])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_method_with_no_native_form_is_refused_by_name(arch, config, name, tmp_path):
+    model = wrapped(arch)
+    pv.apply(model, pv.BiasScaleConfig(), config)
+    with pytest.raises(pv.PeftVlmError, match=f"method\\(s\\) {name} have no native transformers form"):
+        pv.export_transformers(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bias_the_architecture_has_no_place_for_is_refused_naming_the_layers(tmp_path):
+    model = trained("qwen2_vl", pv.BiasScaleConfig())
+    with pytest.raises(pv.PeftVlmError, match="gives down_proj, gate_proj, o_proj, up_proj a bias that qwen2_vl"):
+        pv.export_transformers(model, tmp_path)
+    assert not any(isinstance(m, torch.nn.Linear) and m.bias is not None
+                   for name, m in model.language_model.named_modules() if name.endswith("o_proj"))  # unmerged again
+
+
+def test_cli_export_writes_base_and_adapter_as_a_transformers_folder(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from peft_vlm.cli import main
+    from tiny_transformers_vlms import save_tiny
+
+    base = pv.VisionLanguageModel.from_pretrained(save_tiny("llava", tmp_path / "base"))
+    pv.apply(base, pv.BiasScaleConfig(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, parameter in base.named_parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    pv.save_adapter(base, tmp_path / "adapter")
+    assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "exported")]) == 0
+    exported = AutoModelForImageTextToText.from_pretrained(tmp_path / "exported").eval()
+    inputs = base.tokenize(PROMPTS, images=pictures(2))
+    with torch.no_grad():
+        assert torch.allclose(exported(**inputs).logits, base(**inputs).logits, atol=1e-4, rtol=0)
+
+
+def test_cli_export_refuses_a_method_with_no_native_form(tmp_path, capsys):
+    from peft_vlm.cli import main
+    from tiny_transformers_vlms import save_tiny
+
+    base = pv.VisionLanguageModel.from_pretrained(save_tiny("llava", tmp_path / "base"))
+    pv.save_adapter(pv.apply(base, pv.AdaptionPromptConfig(length=2, layers=1)), tmp_path / "adapter")
+    assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "exported")]) == 2
+    assert "adaption_prompt have no native transformers form" in capsys.readouterr().err
