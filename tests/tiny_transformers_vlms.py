@@ -98,3 +98,25 @@ def batch(model, answers: bool = True):
     """Two prompts with one image each (different lengths, so the shorter row is padded)."""
     prompts = ["What is in the picture?", "Describe the image in one sentence. Is there a shape?"]
     return model.tokenize(prompts, images=pictures(2), answers=["A red circle.", "Yes."] if answers else None)
+
+
+def save_tiny_tower(kind: str, folder, seed: int = 0) -> str:
+    """A tiny transformers vision model (CLIP, SigLIP or DINOv2) and its image processor (16x16 images) in `folder`."""
+    from transformers import (BitImageProcessor, CLIPVisionModel, Dinov2Config, Dinov2Model, SiglipImageProcessor,
+                              SiglipVisionConfig, SiglipVisionModel)
+
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, patch_size=4)
+    torch.manual_seed(seed)
+    if kind == "clip":
+        model = CLIPVisionModel(CLIPVisionConfig(**shape, image_size=16, projection_dim=32))
+        processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    elif kind == "siglip":
+        model = SiglipVisionModel(SiglipVisionConfig(**shape, image_size=16))
+        processor = SiglipImageProcessor(size={"height": 16, "width": 16})
+    else:
+        model = Dinov2Model(Dinov2Config(**{k: v for k, v in shape.items() if k != "intermediate_size"}, image_size=16))
+        processor = BitImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+                                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return str(folder)

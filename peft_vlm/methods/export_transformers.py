@@ -107,7 +107,91 @@ def export_wrapped(model: nn.Module, directory: Path) -> None:
 
     state, config = _fit_biases(state, config, build)
     _save(type(base), config, state, base.generation_config, directory)
+    _pad_left(model.tokenizer)
     model.processor.save_pretrained(directory)
+
+
+# LLaVA's projector is linear_1 -> act -> linear_2; how each connector built here fills it.
+LLAVA_PROJECTORS = {"mlp2x_gelu": "gelu", "linear": "linear"}
+IMAGE_TOKEN = "<image>"
+
+
+def _llava_projector(connector: nn.Module, name: str, hidden: int) -> dict[str, torch.Tensor]:
+    first, second = (connector.mlp[0], connector.mlp[2]) if name == "mlp2x_gelu" else (connector.proj, None)
+    state = {"linear_1.weight": first.weight, "linear_1.bias": first.bias}
+    if second is None:  # a linear connector: identity activation and an identity second layer
+        state["linear_2.weight"] = torch.eye(hidden, dtype=first.weight.dtype)
+        state["linear_2.bias"] = torch.zeros(hidden, dtype=first.weight.dtype)
+    else:
+        state.update({"linear_2.weight": second.weight, "linear_2.bias": second.bias})
+    return {f"model.multi_modal_projector.{k}": v.detach().cpu() for k, v in state.items()}
+
+
+def _pad_left(tokenizer) -> None:
+    """Left padding in the saved tokenizer too (saving writes `init_kwargs`): as peft_vlm pads, so that batched
+    generation continues every row at its end."""
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
+
+
+def _image_token(tokenizer, embeddings: int):
+    """A copy of the tokenizer with LLaVA's image token, its id, and whether that id needs a new embedding row."""
+    tokenizer = copy.deepcopy(tokenizer)
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    _pad_left(tokenizer)
+    token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    return tokenizer, token_id, token_id >= embeddings
+
+
+def export_llava(model: nn.Module, directory: Path) -> None:
+    """A model built here from a transformers CLIP / SigLIP tower and a linear or mlp2x_gelu connector, as LLaVA."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tower, lm = model.vision_tower, model.language_model
+    if model.connector_name not in LLAVA_PROJECTORS or not hasattr(tower, "image_processor"):
+        raise ConfigError(
+            "export_transformers: a model built here exports as LLaVA when it has a transformers vision tower "
+            f"(vision='transformers:PATH') and a {' or '.join(LLAVA_PROJECTORS)} connector; this one has "
+            f"{type(tower).__name__} and connector '{model.connector_name}'"
+        )
+    if tower.prefix_tokens > 1 or model.image_boundaries or not model.images_in_sequence:
+        raise ConfigError("export_transformers: LLaVA takes one class token at most, no image boundaries and the "
+                          "images in the sequence")
+    text_config = _plain_config(lm.config)
+    tokenizer, image_id, new_row = _image_token(model.tokenizer, lm.get_input_embeddings().num_embeddings)
+    state = {f"model.language_model.{k[len('model.'):]}": v.detach().cpu()
+             for k, v in lm.state_dict().items() if k.startswith("model.")}
+    state["lm_head.weight"] = lm.get_output_embeddings().weight.detach().cpu()
+    if new_row:  # the image token's own row is never read (its embedding is replaced), its logit is suppressed
+        for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+            state[key] = torch.cat([state[key], state[key].new_zeros(1, state[key].shape[1])])
+        text_config.vocab_size += 1
+    state.update({f"model.vision_tower.{k}": v.detach().cpu() for k, v in tower.model.state_dict().items()})
+    state.update(_llava_projector(model.connector, model.connector_name, text_config.hidden_size))
+    config = LlavaConfig(
+        vision_config=_plain_config(tower.model.config).to_dict(), text_config=text_config.to_dict(),
+        image_token_id=image_id, projector_hidden_act=LLAVA_PROJECTORS[model.connector_name],
+        vision_feature_layer=tower.feature_layer, multimodal_projector_bias=True,
+        vision_feature_select_strategy="default" if tower.prefix_tokens else "full",
+        tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
+    )
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+
+    def build(cfg):
+        with torch.device("meta"):
+            return LlavaForConditionalGeneration(cfg)
+
+    state, config = _fit_biases(state, config, build)
+    generation = copy.deepcopy(lm.generation_config)
+    if new_row:
+        generation.suppress_tokens = [image_id]
+    _save(LlavaForConditionalGeneration, config, state, generation, directory)
+    template = getattr(model.tokenizer, "chat_template", None) if model.use_chat_template else None
+    LlavaProcessor(image_processor=tower.image_processor, tokenizer=tokenizer, patch_size=tower.model.config.patch_size,
+                   vision_feature_select_strategy=config.vision_feature_select_strategy,
+                   num_additional_image_tokens=tower.prefix_tokens, chat_template=template,
+                   image_token=IMAGE_TOKEN).save_pretrained(directory)
 
 
 def export_transformers(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -132,6 +216,9 @@ def export_transformers(model: nn.Module, directory: str | os.PathLike) -> Path:
 def _exporter_for(model: nn.Module):
     if hasattr(model, "processor") and hasattr(model, "family"):
         return export_wrapped
+    if hasattr(model, "vision_tower") and hasattr(model, "connector"):
+        return export_llava
     raise ConfigError(
-        f"export_transformers: no transformers form for a {type(model).__name__}; wrapped transformers VLMs export"
+        f"export_transformers: no transformers form for a {type(model).__name__}; wrapped transformers VLMs and "
+        "models built here with a transformers vision tower export"
     )

@@ -33,13 +33,13 @@ def trained(arch, *configs, steps=3):
     return model.eval()
 
 
-def reload_in_plain_transformers(folder, model, tmp_path, max_new_tokens=5):
+def reload_in_plain_transformers(folder, texts, tmp_path, max_new_tokens=5):
     """Run the reload script in a fresh process that never imports peft_vlm; its input_ids, logits, new tokens."""
     images = []
     for index, picture in enumerate(pictures(2)):
         images.append(str(tmp_path / f"image{index}.png"))
         picture.save(images[-1])
-    request = {"texts": [model.prompt_text(p, 1, True) for p in PROMPTS], "images": images,
+    request = {"texts": texts, "images": images,
                "max_new_tokens": max_new_tokens}
     (tmp_path / "request.json").write_text(json.dumps(request))
     output = tmp_path / "reloaded.safetensors"
@@ -57,7 +57,8 @@ def test_wrapped_model_exports_its_own_architecture_with_the_same_logits_and_ans
     pv.export_transformers(model, tmp_path / "exported")
     config = json.loads((tmp_path / "exported" / "config.json").read_text())
     assert config["architectures"] == [type(model.model).__name__] and "peft_vlm" not in json.dumps(config)
-    reloaded = reload_in_plain_transformers(tmp_path / "exported", model, tmp_path)
+    texts = [model.prompt_text(p, 1, True) for p in PROMPTS]
+    reloaded = reload_in_plain_transformers(tmp_path / "exported", texts, tmp_path)
     inputs = model.tokenize(PROMPTS, images=pictures(2))
     assert torch.equal(reloaded["input_ids"], inputs["input_ids"])
     with torch.no_grad():
@@ -128,3 +129,79 @@ def test_cli_export_refuses_a_method_with_no_native_form(tmp_path, capsys):
     pv.save_adapter(pv.apply(base, pv.AdaptionPromptConfig(length=2, layers=1)), tmp_path / "adapter")
     assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "exported")]) == 2
     assert "adaption_prompt have no native transformers form" in capsys.readouterr().err
+
+
+# -- a model built here from a transformers vision tower exports as LLaVA -------------------------------------------
+def built_here(tmp_path, tower="clip", connector="mlp2x_gelu", **lm_options):
+    from conftest import make_lm, make_tokenizer
+    from tiny_transformers_vlms import save_tiny_tower
+
+    folder = save_tiny_tower(tower, tmp_path / tower)
+    lm = make_lm("llama", **lm_options)
+    return pv.VisionLanguageModel.from_pretrained(llm=lm, tokenizer=make_tokenizer(), vision=f"transformers:{folder}",
+                                                  connector=connector).eval()
+
+
+def train_built(model, steps=3):
+    inputs = model.tokenize(PROMPTS, images=[[p] for p in pictures(2)], answers=["A red circle.", "Yes."])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(**inputs).loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def assert_llava_export_matches(model, tmp_path):
+    from peft_vlm.data.prompting import IMAGE_TOKEN_ID, format_chat, with_placeholders
+
+    pv.export_transformers(model, tmp_path / "exported")
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert config["architectures"] == ["LlavaForConditionalGeneration"] and "peft_vlm" not in json.dumps(config)
+    texts = [format_chat(model.tokenizer, with_placeholders(p, 1), True) for p in PROMPTS]
+    reloaded = reload_in_plain_transformers(tmp_path / "exported", texts, tmp_path)
+    inputs = model.tokenize(PROMPTS, images=[[p] for p in pictures(2)])
+    image_id = config.get("image_token_id", config.get("image_token_index"))
+    ids = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_TOKEN_ID, image_id)
+    assert torch.equal(reloaded["input_ids"], ids)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    vocab = expected.shape[-1]  # an image token appended to the vocabulary adds one (suppressed) column
+    assert torch.allclose(reloaded["logits"][..., :vocab], expected, atol=1e-4, rtol=0)
+    assert reloaded["new_tokens"].tolist() == model.generate_ids(**inputs, max_new_tokens=5).tolist()
+
+
+@pytest.mark.parametrize("merge_first", [False, True])
+def test_clip_tower_mlp2x_gelu_with_lora_and_bias_scale_exports_as_llava(merge_first, tmp_path):
+    model = built_here(tmp_path)
+    pv.apply(model, pv.BiasScaleConfig(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model = train_built(model)
+    if merge_first:
+        pv.merge(model)
+    assert_llava_export_matches(model, tmp_path)
+
+
+def test_siglip_tower_with_a_linear_connector_exports_as_llava(tmp_path):
+    model = train_built(built_here(tmp_path, tower="siglip", connector="linear"))
+    assert_llava_export_matches(model, tmp_path)
+
+
+def test_an_image_token_beyond_the_vocabulary_gets_a_suppressed_row(tmp_path):
+    model = built_here(tmp_path, vocab_size=len(make_tiny_tokenizer()))
+    pv.apply(model, peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    assert_llava_export_matches(train_built(model), tmp_path)
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert config.get("image_token_id", config.get("image_token_index")) == config["text_config"]["vocab_size"] - 1
+
+
+def make_tiny_tokenizer():
+    from conftest import make_tokenizer
+
+    return make_tokenizer()
+
+
+def test_a_connector_llava_has_no_form_for_is_refused(tmp_path):
+    model = built_here(tmp_path, connector="downsample2x2_mlp")
+    with pytest.raises(pv.ConfigError, match="connector 'downsample2x2_mlp'"):
+        pv.export_transformers(model, tmp_path / "out")
