@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 from transformers import (
+    Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor,
+    LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor,
     CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
     Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
 )
@@ -68,7 +70,46 @@ def build_qwen2_vl(seed: int = 0):
     return model, processor
 
 
-BUILDERS = {"llava": build_llava, "qwen2_vl": build_qwen2_vl}
+def build_llava_next(seed: int = 0):
+    tokenizer = _tokenizer("<image>")
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=16, patch_size=4, projection_dim=32)
+    pinpoints = [[16, 16], [16, 32], [32, 16], [32, 32]]
+    config = LlavaNextConfig(vision_config=vision, text_config=LlamaConfig(**TEXT), image_grid_pinpoints=pinpoints,
+                             image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    images = LlavaNextImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+                                     image_grid_pinpoints=pinpoints)
+    processor = LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=4,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=LLAVA_CHAT)
+    return model, processor
+
+
+IDEFICS3_CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{% for c in m['content'] %}"
+                 "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+                 "<end_of_utterance>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def build_idefics3(seed: int = 0):
+    tokenizer = _tokenizer("<image>", "<fake_token_around_image>", "<end_of_utterance>", "<global-img>")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+                  patch_size=4)
+    config = Idefics3Config(vision_config=vision, text_config=LlamaConfig(**TEXT), scale_factor=2,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                            pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config).eval()
+    images = Idefics3ImageProcessor(size={"longest_edge": 16}, max_image_size={"longest_edge": 16},
+                                    do_image_splitting=False)
+    processor = Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4,
+                                  chat_template=IDEFICS3_CHAT)
+    return model, processor
+
+
+BUILDERS = {"llava": build_llava, "qwen2_vl": build_qwen2_vl, "llava_next": build_llava_next,
+            "idefics3": build_idefics3}
 
 
 def save_tiny(name: str, folder, seed: int = 0) -> str:
