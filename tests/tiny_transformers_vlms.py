@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 from transformers import (
+    GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor, SiglipImageProcessor,
+    SiglipVisionConfig,
     Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor,
     LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor,
     CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
@@ -108,8 +110,25 @@ def build_idefics3(seed: int = 0):
     return model, processor
 
 
+def build_paligemma(seed: int = 0):
+    tokenizer = _tokenizer("<image>")
+    tokenizer.add_bos_token = True
+    text = GemmaConfig(**{**TEXT, "head_dim": 16}, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=16, patch_size=4, projection_dim=64)
+    config = PaliGemmaConfig(vision_config=vision, text_config=text, projection_dim=64,
+                             image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = PaliGemmaForConditionalGeneration(config).eval()
+    images = SiglipImageProcessor(size={"height": 16, "width": 16})
+    images.image_seq_length = 16
+    processor = PaliGemmaProcessor(image_processor=images, tokenizer=tokenizer)
+    return model, processor
+
+
 BUILDERS = {"llava": build_llava, "qwen2_vl": build_qwen2_vl, "llava_next": build_llava_next,
-            "idefics3": build_idefics3}
+            "idefics3": build_idefics3, "paligemma": build_paligemma}
 
 
 def save_tiny(name: str, folder, seed: int = 0) -> str:

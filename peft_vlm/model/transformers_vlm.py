@@ -31,6 +31,9 @@ class Family:
     decoder: str
     vision: str
     projector: tuple[str, ...]
+    # PaliGemma's processor places the image tokens itself and takes the answers as `suffix=` (its prefix-LM attends
+    # bidirectionally to the prompt, causally to the answer, told apart by the token_type_ids it returns)
+    suffix_answers: bool = False
 
 
 FAMILIES = {
@@ -40,7 +43,8 @@ FAMILIES = {
     "qwen2_vl": Family("model.language_model", "model.visual", ("model.visual.merger",)),
     "qwen2_5_vl": Family("model.language_model", "model.visual", ("model.visual.merger",)),
     "idefics3": Family("model.text_model", "model.vision_model", ("model.connector",)),
-    "paligemma": Family("model.language_model", "model.vision_tower", ("model.multi_modal_projector",)),
+    "paligemma": Family("model.language_model", "model.vision_tower", ("model.multi_modal_projector",),
+                        suffix_answers=True),
 }
 
 # Methods that need what only a model built here has, and why (the check runs before the model is touched).
@@ -165,6 +169,8 @@ class TransformersVLM(nn.Module):
     # -- text and images -------------------------------------------------------------------------------------------
     def prompt_text(self, prompt: str, images: int, chat: bool) -> str:
         image_token = getattr(self.processor, "image_token", None) or self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        if self.family.suffix_answers:
+            return prompt
         if chat and getattr(self.processor, "chat_template", None):
             content = [{"type": "image"}] * images + [{"type": "text", "text": prompt}]
             return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
@@ -185,6 +191,8 @@ class TransformersVLM(nn.Module):
         flat_images = [image for own in per_prompt for image in own]
         if answers is None:
             return dict(self._process(texts, flat_images))
+        if self.family.suffix_answers:
+            return dict(self._process(texts, flat_images, suffix=list(answers)))
         eos = self.tokenizer.eos_token or ""
         full = self._process([t + a + eos for t, a in zip(texts, answers)], flat_images)
         labels = full["input_ids"].clone()
@@ -197,8 +205,9 @@ class TransformersVLM(nn.Module):
         full["labels"] = labels
         return dict(full)
 
-    def _process(self, texts: list[str], images: list) -> dict:
-        options = {"images": images} if images else {}
+    def _process(self, texts: list[str], images: list, **options) -> dict:
+        if images:
+            options["images"] = images
         try:
             return self.processor(text=texts, padding=True, return_tensors="pt", **options)
         except (ValueError, TypeError) as error:

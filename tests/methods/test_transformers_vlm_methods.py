@@ -88,18 +88,16 @@ def test_cached_generation_equals_full_decoding(arch, method):
     eos = model.tokenizer.eos_token_id  # trained on short answers, the tiny models soon say eos: keep them talking
     cached = model.generate_ids(**inputs, max_new_tokens=steps, suppress_tokens=[eos])
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    types = inputs.get("mm_token_type_ids")
+    # per-position inputs that grow with the sequence, and their value for generated text (as generate extends them)
+    growing = {k: v for k, v in {"mm_token_type_ids": 0, "token_type_ids": 1}.items() if k in inputs}
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", *growing)}
+    types = {k: inputs[k] for k in growing}
     for _ in range(steps):
-        step_inputs = dict(extra, input_ids=ids, attention_mask=mask, use_cache=False)
-        if types is not None:
-            step_inputs["mm_token_type_ids"] = types
-        last = logits(model, step_inputs)[:, -1]
+        last = logits(model, dict(extra, **types, input_ids=ids, attention_mask=mask, use_cache=False))[:, -1]
         last[:, eos] = -float("inf")
         next_token = last.argmax(-1, keepdim=True)
         ids, mask = torch.cat([ids, next_token], 1), torch.cat([mask, torch.ones_like(next_token)], 1)
-        if types is not None:
-            types = torch.cat([types, torch.zeros_like(next_token)], 1)
+        types = {k: torch.cat([t, torch.full_like(next_token, growing[k])], 1) for k, t in types.items()}
     assert cached.shape[1] == steps and cached.tolist() == ids[:, inputs["input_ids"].shape[1]:].tolist()
 
 
