@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 from transformers import (
+    Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
     GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor, SiglipImageProcessor,
     SiglipVisionConfig,
     Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor,
@@ -49,27 +50,38 @@ def build_llava(seed: int = 0):
     return model, processor
 
 
-def build_qwen2_vl(seed: int = 0):
+def build_qwen2_vl(seed: int = 0, version: str = "2"):
     tokenizer = _tokenizer("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
     ids = tokenizer.convert_tokens_to_ids
     text = {**TEXT, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
             "rope_parameters": {"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 10000.0}}
-    config = Qwen2VLConfig(
-        text_config=text,
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
-                           spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
+    vision = dict(depth=2, num_heads=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
+    if version == "2":
+        vision.update(embed_dim=32, hidden_size=64, mlp_ratio=2, in_chans=3)
+        config_class, model_class, processor_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    else:  # Qwen2.5-VL: windowed attention in the tower, full attention in the listed blocks
+        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=8,
+                      fullatt_block_indexes=[1])
+        config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        processor_class = Qwen2_5_VLProcessor
+    config = config_class(
+        text_config=text, vision_config=vision,
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
     images = Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2,
                                    min_pixels=16 * 16, max_pixels=16 * 16)
     videos = Qwen2VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2)
-    processor = Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=videos,
-                                 chat_template=QWEN_CHAT)
+    processor = processor_class(image_processor=images, tokenizer=tokenizer, video_processor=videos,
+                                chat_template=QWEN_CHAT)
     return model, processor
+
+
+def build_qwen2_5_vl(seed: int = 0):
+    return build_qwen2_vl(seed, version="2.5")
 
 
 def build_llava_next(seed: int = 0):
@@ -127,7 +139,7 @@ def build_paligemma(seed: int = 0):
     return model, processor
 
 
-BUILDERS = {"llava": build_llava, "qwen2_vl": build_qwen2_vl, "llava_next": build_llava_next,
+BUILDERS = {"llava": build_llava, "qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl, "llava_next": build_llava_next,
             "idefics3": build_idefics3, "paligemma": build_paligemma}
 
 

@@ -19,6 +19,7 @@ PROMPTS = ["What is in the picture?", "Describe the image in one sentence. Is th
 # Qwen2-VL's o_proj and MLP have no bias in transformers: bias/scale there has no native form (see the refusal test)
 BIAS_SCALE = {"llava": pv.BiasScaleConfig(), "llava_next": pv.BiasScaleConfig(), "idefics3": pv.BiasScaleConfig(),
               "qwen2_vl": pv.BiasScaleConfig(targets=["q_proj", "k_proj", "v_proj"]),
+              "qwen2_5_vl": pv.BiasScaleConfig(targets=["q_proj", "k_proj", "v_proj"]),
               "paligemma": pv.BiasScaleConfig(targets=["q_proj", "k_proj", "v_proj", "o_proj"])}
 
 
