@@ -11,6 +11,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
 import peft_vlm as pv
+from peft_vlm.methods.bias_scale import BiasScale
 from tiny_transformers_vlms import BUILDERS, pictures, wrapped
 
 ARCHITECTURES = list(BUILDERS)
@@ -96,12 +97,13 @@ def test_a_method_with_no_native_form_is_refused_by_name(arch, config, name, tmp
     assert not (tmp_path / "out").exists()
 
 
-def test_a_bias_the_architecture_has_no_place_for_is_refused_naming_the_layers(tmp_path):
-    model = trained("qwen2_vl", pv.BiasScaleConfig())
-    with pytest.raises(pv.PeftVlmError, match="gives down_proj, gate_proj, o_proj, up_proj a bias that qwen2_vl"):
+@pytest.mark.parametrize("arch, layers", [("qwen2_vl", "down_proj, gate_proj, o_proj, up_proj"),
+                                          ("paligemma", "down_proj, gate_proj, up_proj")])
+def test_a_bias_the_architecture_has_no_place_for_is_refused_naming_the_layers(arch, layers, tmp_path):
+    model = trained(arch, pv.BiasScaleConfig())
+    with pytest.raises(pv.PeftVlmError, match=f"gives {layers} a bias that {arch}"):
         pv.export_transformers(model, tmp_path)
-    assert not any(isinstance(m, torch.nn.Linear) and m.bias is not None
-                   for name, m in model.language_model.named_modules() if name.endswith("o_proj"))  # unmerged again
+    assert any(isinstance(m, BiasScale) for m in model.modules())  # unmerged again
 
 
 def test_cli_export_writes_base_and_adapter_as_a_transformers_folder(tmp_path):
