@@ -213,6 +213,15 @@ class TransformersVLM(nn.Module):
         except (ValueError, TypeError) as error:
             raise ConfigError(f"the {self.architecture} processor refused the inputs: {error}") from None
 
+    def sample_encoder(self, resize: str = "resize", max_length: int | None = None, **options):
+        """The training-data encoder (`SampleEncoder.for_model` asks for it): samples through the processor, whose
+        own image transform replaces `resize`."""
+        return ProcessorSampleEncoder(self, max_length)
+
+    def collator(self):
+        """The batch collator (`Collator.for_model` asks for it)."""
+        return ProcessorCollator(self.tokenizer.pad_token_id)
+
     # -- running ---------------------------------------------------------------------------------------------------
     def _on_device(self, inputs: dict) -> dict:
         device = self._device()
@@ -252,3 +261,85 @@ def _as_list(images: Any) -> list:
     if images is None:
         return []
     return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+# -- training data through the model's processor ---------------------------------------------------------------------
+# Per-position inputs a processor may return besides input_ids / attention_mask / labels, and their padding value.
+TOKEN_INPUTS = {"mm_token_type_ids": 0, "token_type_ids": 0}
+
+
+class ProcessorSampleEncoder:
+    """Samples `{"messages", "images", "source"}` -> one example of the wrapped model's processor outputs.
+
+    A sample is one question and its answer (a user turn, then an assistant turn); bad rows are `DataError`s naming
+    their file and row, as with models built here."""
+
+    def __init__(self, model: TransformersVLM, max_length: int | None = None):
+        self.model = model
+        self.max_length = max_length
+
+    def encode_text(self, sample: dict) -> dict:
+        from peft_vlm.data.encoding import _checked_messages
+        from peft_vlm.data.prompting import IMAGE_PLACEHOLDER
+        from peft_vlm.data.report import WRONG_SCHEMA
+        from peft_vlm.errors import DataError
+
+        source = str(sample.get("source", "sample"))
+        messages = [m for m in _checked_messages(sample, source) if m["role"] != "system"]
+        if [m["role"] for m in messages] != ["user", "assistant"]:
+            raise DataError(source, WRONG_SCHEMA, "a wrapped transformers VLM trains on one user turn and one answer "
+                                                  f"per sample; this one has turns {[m['role'] for m in messages]}")
+        prompt, answer = messages[0]["content"], messages[1]["content"]
+        images = prompt.count(IMAGE_PLACEHOLDER)
+        return {"prompt": prompt.replace(IMAGE_PLACEHOLDER, "").strip(), "answer": answer, "images": images,
+                "source": source}
+
+    def __call__(self, sample: dict) -> dict:
+        from peft_vlm.data.images import load_image
+        from peft_vlm.data.report import TOO_LONG
+        from peft_vlm.errors import DataError
+
+        text = self.encode_text(sample)
+        source = text["source"]
+        images = [load_image(image, source) for image in list(sample.get("images") or [])[: text["images"]]]
+        example = self.model.tokenize([text["prompt"]], images=[images], answers=[text["answer"]])
+        if self.max_length is not None and example["input_ids"].shape[1] > self.max_length:
+            raise DataError(source, TOO_LONG, f"{example['input_ids'].shape[1]} tokens, max_length={self.max_length}")
+        return {**example, "source": source, "truncated": False}
+
+
+class ProcessorCollator:
+    """Examples of a `ProcessorSampleEncoder` -> one left-padded batch for `TransformersVLM.forward(**batch)`; image
+    inputs are concatenated in example order (every image of a batch must give inputs of one shape)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: list):
+        from torch.utils.data import get_worker_info
+
+        from peft_vlm.data.collate import Batch
+        from peft_vlm.data.report import Skipped
+
+        examples = [item for item in items if not isinstance(item, Skipped)]
+        batch = Batch()
+        batch.skipped = [item.error for item in items if isinstance(item, Skipped) and not item.fatal]
+        batch.fatal = [item.error for item in items if isinstance(item, Skipped) and item.fatal]
+        if batch.fatal and get_worker_info() is None:
+            raise batch.fatal[0]
+        batch.sources = [example["source"] for example in examples]
+        batch.truncated = []
+        if not examples:
+            return batch
+        width = max(e["input_ids"].shape[1] for e in examples)
+        pads = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX, **TOKEN_INPUTS}
+        for key in examples[0]:
+            if key in ("source", "truncated"):
+                continue
+            values = [e[key] for e in examples]
+            if key in pads:
+                batch[key] = torch.cat([torch.nn.functional.pad(v, (width - v.shape[1], 0), value=pads[key]) for v in values])
+            else:
+                batch[key] = torch.cat(values)
+        return batch
+
