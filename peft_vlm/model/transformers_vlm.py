@@ -109,9 +109,13 @@ class TransformersVLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: Any = None, train_projector: bool = False,
-                        use_chat_template: bool = True, **kwargs) -> "TransformersVLM":
+                        use_chat_template: bool = True, load_in_4bit: bool = False, **kwargs) -> "TransformersVLM":
         """The model with `AutoModelForImageTextToText` and its processor with `AutoProcessor` from one folder/id."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        if load_in_4bit:
+            raise ConfigError(f"load_in_4bit=True is not supported for a wrapped transformers VLM ('{path}') yet; "
+                              "load it in full precision or bf16 (dtype=torch.bfloat16)")
 
         try:
             model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype or "auto", **kwargs)
@@ -296,13 +300,17 @@ class ProcessorSampleEncoder:
 
     def __call__(self, sample: dict) -> dict:
         from peft_vlm.data.images import load_image
-        from peft_vlm.data.report import TOO_LONG
+        from peft_vlm.data.report import MISALIGNED, TOO_LONG
         from peft_vlm.errors import DataError
 
         text = self.encode_text(sample)
         source = text["source"]
         images = [load_image(image, source) for image in list(sample.get("images") or [])[: text["images"]]]
         example = self.model.tokenize([text["prompt"]], images=[images], answers=[text["answer"]])
+        labelled = example["labels"][0]
+        decoded = self.model.tokenizer.decode(labelled[labelled != IGNORE_INDEX], skip_special_tokens=True)
+        if " ".join(text["answer"].split()) not in " ".join(decoded.split()):
+            raise DataError(source, MISALIGNED, f"labelled tokens decode to {decoded!r}, expected {text['answer']!r}")
         if self.max_length is not None and example["input_ids"].shape[1] > self.max_length:
             raise DataError(source, TOO_LONG, f"{example['input_ids'].shape[1]} tokens, max_length={self.max_length}")
         return {**example, "source": source, "truncated": False}

@@ -121,7 +121,7 @@ class VisionLanguageModel(nn.Module):
 
         if llm is None and transformers_vlm.transformers_vlm_type(language_model):
             return transformers_vlm.TransformersVLM.from_pretrained(
-                language_model, dtype=dtype, use_chat_template=use_chat_template, **kwargs)
+                language_model, dtype=dtype, load_in_4bit=load_in_4bit, use_chat_template=use_chat_template, **kwargs)
         if llm is None:
             llm = load_language_model(language_model, load_in_4bit=load_in_4bit, dtype=dtype, **kwargs)
             if tokenizer is None:

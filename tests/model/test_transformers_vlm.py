@@ -77,3 +77,8 @@ def test_a_plain_language_model_folder_is_not_wrapped(tmp_path, lm_factory):
     lm_factory("llama").save_pretrained(tmp_path)
     assert transformers_vlm_type(tmp_path) is None
     assert transformers_vlm_type(tmp_path / "missing") is None
+
+
+def test_load_in_4bit_is_refused_for_a_wrapped_model(folders):
+    with pytest.raises(pv.ConfigError, match="load_in_4bit=True is not supported for a wrapped"):
+        pv.VisionLanguageModel.from_pretrained(folders["llava"], load_in_4bit=True)
