@@ -32,6 +32,7 @@ from peft_vlm.model.vision_language_model import VisionLanguageModel  # noqa: E4
 # `import peft_vlm` light and the core free of imports of methods.
 _LAZY = {
     "export_peft": "peft_vlm.methods.lora",
+    "export_transformers": "peft_vlm.methods.export_transformers",
     "JointTrainer": "peft_vlm.training",
     "TrainConfig": "peft_vlm.training",
     "AdaptionPromptConfig": "peft_vlm.methods.adaption_prompt",

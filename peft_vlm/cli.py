@@ -4,6 +4,7 @@
     peft-vlm eval out/run/adapter.safetensors [--recipe R] [--data FILE --format llava] [--limit N] [--perplexity]
     peft-vlm generate out/run/adapter.safetensors --image cat.png --prompt "What is in the picture?"
     peft-vlm info out/run/adapter.safetensors
+    peft-vlm export out/run/adapter.safetensors out/exported   (a folder plain transformers loads)
 
 Several processes: `accelerate launch -m peft_vlm.cli train RECIPE` or `torchrun --nproc_per_node N -m peft_vlm.cli
 train RECIPE`; nothing else changes.
@@ -149,6 +150,13 @@ def _info(arguments: argparse.Namespace) -> None:
     print(describe_adapter(arguments.adapter))
 
 
+def _export(arguments: argparse.Namespace) -> None:
+    from peft_vlm.methods.export_transformers import export_transformers
+
+    model = _model_for(arguments.adapter, arguments.recipe, arguments.set or [])
+    print(f"exported to {export_transformers(model, arguments.output)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-vlm",
                                      description="Parameter-efficient fine-tuning of vision-language models")
@@ -183,7 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("adapter", help="adapter folder or .safetensors file")
     info.set_defaults(run=_info)
 
-    for command in (train, evaluate, generate):
+    export = commands.add_parser("export", help="write base + adapter as a folder plain transformers loads")
+    export.add_argument("adapter")
+    export.add_argument("output", help="folder to write (config, safetensors weights, processor files)")
+    export.add_argument("--recipe", help="take the base model from this recipe instead of the adapter file")
+    export.set_defaults(run=_export)
+
+    for command in (train, evaluate, generate, export):
         command.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value")
     return parser
 

@@ -78,6 +78,7 @@ class ModelSection:
     image_boundaries: tuple[str, str] | None = None
     use_chat_template: bool | None = None
     attn_implementation: str | None = None  # e.g. "eager": plain matmuls (faster than CPU SDPA in bf16)
+    train_projector: bool | None = None  # a wrapped transformers VLM: its projector trains (group vision)
 
 
 @dataclass

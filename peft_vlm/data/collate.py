@@ -39,6 +39,8 @@ class Collator:
 
     @classmethod
     def for_model(cls, model) -> "Collator":
+        if hasattr(model, "collator"):  # a wrapped transformers VLM: its processor's outputs
+            return model.collator()
         return cls(model.tokenizer.pad_token_id)
 
     def __call__(self, items: list) -> Batch:

@@ -49,6 +49,8 @@ class SampleEncoder:
     def for_model(cls, model, resize: str = "resize", max_length: int | None = None, **options) -> "SampleEncoder":
         """Match a VisionLanguageModel: its tokenizer, template choice, visual tokens per image and tower input.
         `max_length` defaults to the language model's context length."""
+        if hasattr(model, "sample_encoder"):  # a wrapped transformers VLM encodes through its own processor
+            return model.sample_encoder(resize=resize, max_length=max_length, **options)
         max_length = max_length or getattr(model.config, "max_position_embeddings", None)
         options.setdefault("use_chat_template", model.use_chat_template)
         options.setdefault("image_boundaries", getattr(model, "image_boundaries", None))

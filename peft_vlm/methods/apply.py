@@ -26,6 +26,9 @@ def _check_compatible(model: nn.Module, method: Method, applied: list[str]) -> N
         blocked = method.name in getattr(other_class, "incompatible_with", ()) or other in method.incompatible_with
         if blocked:
             raise IncompatibleMethodsError(f"method '{method.name}' cannot be combined with '{other}' on one model")
+    reason = model.refusal(method) if hasattr(model, "refusal") else None  # e.g. a wrapped transformers VLM
+    if reason:
+        raise IncompatibleMethodsError(reason)
     if method.needs_vision and not is_vision_language_model(model):
         raise IncompatibleMethodsError(
             f"method '{method.name}' needs a pv.VisionLanguageModel (it reads image tokens); got {type(model).__name__}"

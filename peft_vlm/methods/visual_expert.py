@@ -224,7 +224,8 @@ def _call_input(kwargs: dict) -> torch.Tensor:
 
 
 def _decoder_layers(language_model: nn.Module) -> nn.ModuleList:
-    layers = getattr(getattr(language_model, "model", None), "layers", None)
+    # a causal LM holds its layers in .model; the decoder of a wrapped transformers VLM holds them itself
+    layers = getattr(getattr(language_model, "model", language_model), "layers", None)
     if not isinstance(layers, nn.ModuleList):
         raise ConfigError(
             f"the visual expert needs a LLaMA-class causal LM (model.layers); got {type(language_model).__name__}"

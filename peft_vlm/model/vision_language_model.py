@@ -120,6 +120,11 @@ class VisionLanguageModel(nn.Module):
         (an open_clip model name with optional `vision_pretrained` tag, or any module giving patch tokens)."""
         if (language_model is None) == (llm is None):
             raise ConfigError("pass exactly one of a language model path/hub id or llm=<PreTrainedModel>")
+        from peft_vlm.model import transformers_vlm  # a VLM that transformers ships as a class is wrapped whole
+
+        if llm is None and transformers_vlm.transformers_vlm_type(language_model):
+            return transformers_vlm.TransformersVLM.from_pretrained(
+                language_model, dtype=dtype, load_in_4bit=load_in_4bit, use_chat_template=use_chat_template, **kwargs)
         if llm is None:
             llm = load_language_model(language_model, load_in_4bit=load_in_4bit, dtype=dtype, **kwargs)
             if tokenizer is None:

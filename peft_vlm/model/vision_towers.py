@@ -4,7 +4,9 @@
 transformer blocks (the second to last by default, as LLaVA does). `TimmVisionTower` does the same for a `timm`
 ViT (`"timm:vit_large_patch14_dinov2"`, DINOv2's architecture). Any other `nn.Module` that maps pixels to
 (batch, tokens, width) can be used through `ModuleVisionTower`. `FusedVisionTower` puts two towers side by side
-(Prismatic's DINOv2 + SigLIP): their patch features are concatenated along channels.
+(Prismatic's DINOv2 + SigLIP): their patch features are concatenated along channels. `TransformersVisionTower`
+takes a `transformers` vision model (CLIP, SigLIP / SigLIP 2, DINOv2 through `AutoModel`) by local path or hub id
+(`"transformers:openai/clip-vit-large-patch14-336"`) with its own image processor.
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ from torch.nn import functional as F
 from peft_vlm.errors import ConfigError, ModelLoadError
 
 TIMM_PREFIX = "timm:"
+TRANSFORMERS_PREFIX = "transformers:"
+
+
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 
 
@@ -176,6 +181,55 @@ class TimmVisionTower(VisionTower):
         )[0]
 
 
+class TransformersVisionTower(VisionTower):
+    """A `transformers` vision model (CLIP, SigLIP / SigLIP 2, DINOv2, ...) from a local folder or hub id.
+
+    The patch tokens are the hidden states after one layer (`hidden_states[feature_layer]`, the second to last layer
+    by default, as LLaVA's `vision_feature_layer`), with the prefix tokens (CLIP's and DINOv2's class token, DINOv2's
+    registers) dropped. A folder that holds a two-tower model (CLIPModel, SiglipModel) gives its vision half. Images
+    go through the model's own image processor (`AutoImageProcessor`)."""
+
+    def __init__(self, path: str, feature_layer: int = -2, image_processor=None):
+        super().__init__()
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+        try:
+            config = AutoConfig.from_pretrained(path)
+            model = AutoModel.from_pretrained(path)
+            processor = image_processor or AutoImageProcessor.from_pretrained(path)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"could not load a transformers vision model from '{path}': {error}") from None
+        if hasattr(config, "vision_config") and hasattr(model, "vision_model"):  # keep the vision half only
+            vision = AutoModel.from_config(config.vision_config)
+            vision.vision_model.load_state_dict(model.vision_model.state_dict())
+            model = vision
+        self.model = model.eval()
+        self.image_processor = processor
+        layers = self.model.config.num_hidden_layers
+        if not -(layers + 1) <= feature_layer <= layers:
+            raise ModelLoadError(f"feature_layer={feature_layer} is out of range for '{path}' ({layers} layers)")
+        self.feature_layer = feature_layer
+        self.preprocess = lambda image: processor(images=image, return_tensors="pt")["pixel_values"][0]
+        self.preprocess_cfg = {"mean": list(processor.image_mean), "std": list(processor.image_std)}
+        from PIL import Image
+
+        probe = self.preprocess(Image.new("RGB", (32, 32)))
+        self.image_size = tuple(probe.shape[-2:])
+        patch = self.model.config.patch_size
+        self.grid_size = (self.image_size[0] // patch, self.image_size[1] // patch)
+        self.num_tokens, self.width = self.grid_size[0] * self.grid_size[1], self.model.config.hidden_size
+        with torch.no_grad():
+            hidden = self.model(probe[None], output_hidden_states=True).hidden_states[feature_layer]
+        self.prefix_tokens = hidden.shape[1] - self.num_tokens  # class token, registers
+        self.description = {"transformers": self.model.config.model_type, "feature_layer": feature_layer,
+                            "image_size": list(self.image_size), "hidden_size": self.width}
+        self.rebuild_options = {"feature_layer": feature_layer} if feature_layer != -2 else {}
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(pixel_values, output_hidden_states=True).hidden_states[self.feature_layer]
+        return hidden[:, self.prefix_tokens:]
+
+
 def token_grid(tower: VisionTower) -> tuple[int, int] | None:
     """(rows, columns) of a tower's patch tokens: its own grid, else a square one, else None (unknown)."""
     grid = getattr(tower, "grid_size", None)
@@ -240,6 +294,8 @@ class FusedVisionTower(VisionTower):
 def _single_tower(vision, pretrained=None, **options) -> VisionTower:
     if isinstance(vision, VisionTower):
         return vision
+    if isinstance(vision, str) and vision.startswith(TRANSFORMERS_PREFIX):
+        return TransformersVisionTower(vision[len(TRANSFORMERS_PREFIX):], **options)
     if isinstance(vision, str) and vision.startswith(TIMM_PREFIX):
         return TimmVisionTower(vision[len(TIMM_PREFIX):], pretrained=bool(pretrained), **options)
     if isinstance(vision, str):

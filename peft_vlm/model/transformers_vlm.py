@@ -1,0 +1,353 @@
+"""`TransformersVLM`: a vision-language model that `transformers` ships as a class (LLaVA, LLaVA-NeXT, Qwen2-VL,
+Qwen2.5-VL, Idefics3 / SmolVLM, PaliGemma), wrapped so that the methods of `peft_vlm` attach to its decoder.
+
+The wrapped model runs its own code end to end: its processor prepares the inputs (chat template, image tokens,
+pixel values, Qwen2-VL's grid sizes), it splices its own image features in and computes its own positions (Qwen2-VL's
+M-RoPE included). The wrapper only announces, per position, whether a token is one of the model's image tokens
+(`peft_vlm.runtime.token_context`), which the methods that route image tokens read. Its `language_model` is the
+decoder inside (the module that holds the decoder layers), where the text methods attach; the vision tower and the
+projector stay frozen, the projector trainable on request (`train_projector=True`, group `vision`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from peft_vlm.errors import ConfigError, ModelLoadError
+from peft_vlm.runtime import token_context
+from peft_vlm.runtime.tracking import AppliedMethod, refresh_trainable, state_of
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where the parts of one architecture live, as attribute paths from the `...ForConditionalGeneration` class."""
+
+    decoder: str
+    vision: str
+    projector: tuple[str, ...]
+    # PaliGemma's processor places the image tokens itself and takes the answers as `suffix=` (its prefix-LM attends
+    # bidirectionally to the prompt, causally to the answer, told apart by the token_type_ids it returns)
+    suffix_answers: bool = False
+
+
+FAMILIES = {
+    "llava": Family("model.language_model", "model.vision_tower", ("model.multi_modal_projector",)),
+    "llava_next": Family("model.language_model", "model.vision_tower",
+                         ("model.multi_modal_projector", "model.image_newline")),
+    "qwen2_vl": Family("model.language_model", "model.visual", ("model.visual.merger",)),
+    "qwen2_5_vl": Family("model.language_model", "model.visual", ("model.visual.merger",)),
+    "idefics3": Family("model.text_model", "model.vision_model", ("model.connector",)),
+    "paligemma": Family("model.language_model", "model.vision_tower", ("model.multi_modal_projector",),
+                        suffix_answers=True),
+}
+
+# Methods that need what only a model built here has, and why (the check runs before the model is touched).
+REFUSED = {
+    "early_fusion": "early fusion reads the connector's visual tokens as a separate input, but {arch} splices its "
+                    "image features into the sequence inside its own forward",
+    "visual_query_prompt": "the visual query reads the patch tokens of a peft_vlm vision tower, which {arch} keeps "
+                           "inside its own forward",
+    "gated_cross_attention": "gated cross-attention reads the connector's visual tokens as a separate input, which "
+                             "{arch} keeps inside its own forward",
+}
+
+
+def transformers_vlm_type(path: str | Path) -> str | None:
+    """The model type of the transformers VLM in a local folder or hub id, or None when it holds none."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError):
+        return None
+    return config.model_type if config.model_type in FAMILIES and hasattr(config, "vision_config") else None
+
+
+def _part(root: nn.Module, path: str):
+    for name in path.split("."):
+        root = getattr(root, name)
+    return root
+
+
+def _parameters(part) -> list[nn.Parameter]:
+    return [part] if isinstance(part, nn.Parameter) else list(part.parameters())
+
+
+class TransformersVLM(nn.Module):
+    """A transformers `...ForConditionalGeneration` VLM and its processor, ready for `pv.apply`."""
+
+    def __init__(self, model: nn.Module, processor, train_projector: bool = False, use_chat_template: bool = True):
+        super().__init__()
+        model_type = model.config.model_type
+        if model_type not in FAMILIES:
+            raise ConfigError(f"transformers VLM type '{model_type}' is not supported; supported: {', '.join(FAMILIES)}")
+        self.model = model
+        self.family = FAMILIES[model_type]
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.tokenizer.padding_side = "left"  # batched generation continues every row at its end
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.use_chat_template = use_chat_template
+        self.image_token_id = int(model.config.image_token_id)
+        self.connector_name = f"transformers:{model_type}"
+        # What the adapter fingerprint records about the vision side: the architecture and its vision config.
+        self.vision_tower.description = {"transformers": model_type,
+                                         "vision_config": model.config.vision_config.to_diff_dict()}
+        state = state_of(self)
+        if train_projector:
+            projector = [p for path in self.family.projector for p in _parameters(_part(model, path))]
+            state.add(AppliedMethod("projector", {"projector": model_type}, None, {"vision": projector}))
+        token_context.install(self, self.language_model)
+        refresh_trainable(self)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: Any = None, train_projector: bool = False,
+                        use_chat_template: bool = True, load_in_4bit: bool = False, **kwargs) -> "TransformersVLM":
+        """The model with `AutoModelForImageTextToText` and its processor with `AutoProcessor` from one folder/id."""
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        if load_in_4bit:
+            raise ConfigError(f"load_in_4bit=True is not supported for a wrapped transformers VLM ('{path}') yet; "
+                              "load it in full precision or bf16 (dtype=torch.bfloat16)")
+
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype or "auto", **kwargs)
+            processor = AutoProcessor.from_pretrained(str(path))
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"could not load a transformers VLM and its processor from '{path}': {error}") from None
+        return cls(model.eval(), processor, train_projector=train_projector, use_chat_template=use_chat_template)
+
+    # -- structure -------------------------------------------------------------------------------------------------
+    @property
+    def language_model(self) -> nn.Module:
+        """The decoder (embeddings, decoder layers, final norm) the text methods attach to."""
+        return _part(self.model, self.family.decoder)
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return _part(self.model, self.family.vision)
+
+    @property
+    def config(self):
+        return self.language_model.config
+
+    @property
+    def architecture(self) -> str:
+        return self.model.config.model_type
+
+    def refusal(self, method) -> str | None:
+        """Why `method` cannot work on this model, or None when it can (asked by `pv.apply` before attaching)."""
+        arch = self.architecture
+        if method.name in REFUSED:
+            return f"method '{method.name}' cannot be applied to a wrapped {arch} model: " + REFUSED[method.name].format(arch=arch)
+        if method.name == "adaption_prompt" and method.config.multimodal:
+            return (f"method 'adaption_prompt' with multimodal=True cannot be applied to a wrapped {arch} model: it "
+                    "reads the patch tokens of a peft_vlm vision tower; use multimodal=False")
+        if method.name == "visual_expert" and method.config.shared_image_position:
+            return (f"method 'visual_expert' with shared_image_position=True cannot be applied to a wrapped {arch} "
+                    "model: its positions are the model's own; use shared_image_position=False")
+        return None
+
+    def base_spec(self) -> dict[str, Any]:
+        """How to rebuild this base: `pv.VisionLanguageModel.from_pretrained(language_model)` wraps it again."""
+        spec = {"language_model": getattr(self.model, "name_or_path", None) or None}
+        if "projector" in state_of(self).names():
+            spec["train_projector"] = True
+        return spec
+
+    def _device(self) -> torch.device:
+        return self.language_model.get_input_embeddings().weight.device
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vision_tower.train(mode and any(p.requires_grad for p in self.vision_tower.parameters()))
+        return self
+
+    # -- text and images -------------------------------------------------------------------------------------------
+    def prompt_text(self, prompt: str, images: int, chat: bool) -> str:
+        image_token = getattr(self.processor, "image_token", None) or self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        if self.family.suffix_answers:
+            return prompt
+        if chat and getattr(self.processor, "chat_template", None):
+            content = [{"type": "image"}] * images + [{"type": "text", "text": prompt}]
+            return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        return image_token * images + prompt
+
+    def tokenize(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[Any] | None = None,
+        answers: Sequence[str] | None = None,
+        chat: bool | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Batch inputs through the model's own processor. `images[i]` is None, one image or a list for prompt i;
+        with `answers`, labels cover the answers (and the end-of-sequence token) only."""
+        chat = self.use_chat_template if chat is None else chat
+        per_prompt = [_as_list(images[i] if images is not None else None) for i in range(len(prompts))]
+        texts = [self.prompt_text(p, len(own), chat) for p, own in zip(prompts, per_prompt)]
+        flat_images = [image for own in per_prompt for image in own]
+        if answers is None:
+            return dict(self._process(texts, flat_images))
+        if self.family.suffix_answers:
+            return dict(self._process(texts, flat_images, suffix=list(answers)))
+        eos = self.tokenizer.eos_token or ""
+        full = self._process([t + a + eos for t, a in zip(texts, answers)], flat_images)
+        labels = full["input_ids"].clone()
+        # The prompt's length, row by row: the prompt is a prefix of the full text, padded on the left.
+        prompt_lengths = self._process(texts, flat_images)["attention_mask"].sum(1)
+        full_lengths = full["attention_mask"].sum(1)
+        width = labels.shape[1]
+        for row in range(len(texts)):
+            labels[row, : width - int(full_lengths[row]) + int(prompt_lengths[row])] = IGNORE_INDEX
+        full["labels"] = labels
+        return dict(full)
+
+    def _process(self, texts: list[str], images: list, **options) -> dict:
+        if images:
+            options["images"] = images
+        try:
+            return self.processor(text=texts, padding=True, return_tensors="pt", **options)
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"the {self.architecture} processor refused the inputs: {error}") from None
+
+    def sample_encoder(self, resize: str = "resize", max_length: int | None = None, **options):
+        """The training-data encoder (`SampleEncoder.for_model` asks for it): samples through the processor, whose
+        own image transform replaces `resize`."""
+        return ProcessorSampleEncoder(self, max_length)
+
+    def collator(self):
+        """The batch collator (`Collator.for_model` asks for it)."""
+        return ProcessorCollator(self.tokenizer.pad_token_id)
+
+    # -- running ---------------------------------------------------------------------------------------------------
+    def _on_device(self, inputs: dict) -> dict:
+        device = self._device()
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **inputs):
+        """The wrapped model's forward (`labels=` gives the loss), with the image positions announced to the methods."""
+        inputs = self._on_device({"input_ids": input_ids, "attention_mask": attention_mask, **inputs})
+        with token_context.token_types(self, (inputs["input_ids"] == self.image_token_id).long()):
+            return self.model(**inputs)
+
+    @torch.no_grad()
+    def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **inputs):
+        """New token ids for a batch from `tokenize`, with the wrapped model's `generate` (greedy, KV cache on)."""
+        inputs = self._on_device({"input_ids": input_ids, "attention_mask": attention_mask, **inputs})
+        inputs.setdefault("do_sample", False)
+        inputs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        inputs.pop("labels", None)
+        with token_context.token_types(self, (inputs["input_ids"] == self.image_token_id).long()):
+            output = self.model.generate(**inputs)
+        return output[:, input_ids.shape[1]:]
+
+    @torch.no_grad()
+    def generate(self, images: Sequence[Any] | None = None, prompts: Sequence[str] | str | None = None,
+                 max_new_tokens: int = 32, chat: bool | None = None, **generation_options) -> list[str]:
+        """Answer each prompt about its image(s)."""
+        if prompts is None:
+            raise ConfigError("generate() needs prompts=")
+        if isinstance(prompts, str):
+            prompts, images = [prompts], None if images is None else [images]
+        batch = self.tokenize(prompts, images, chat=chat)
+        output_ids = self.generate_ids(**batch, max_new_tokens=max_new_tokens, **generation_options)
+        return self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)
+
+
+def _as_list(images: Any) -> list:
+    if images is None:
+        return []
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+# -- training data through the model's processor ---------------------------------------------------------------------
+# Per-position inputs a processor may return besides input_ids / attention_mask / labels, and their padding value.
+TOKEN_INPUTS = {"mm_token_type_ids": 0, "token_type_ids": 0}
+
+
+class ProcessorSampleEncoder:
+    """Samples `{"messages", "images", "source"}` -> one example of the wrapped model's processor outputs.
+
+    A sample is one question and its answer (a user turn, then an assistant turn); bad rows are `DataError`s naming
+    their file and row, as with models built here."""
+
+    def __init__(self, model: TransformersVLM, max_length: int | None = None):
+        self.model = model
+        self.max_length = max_length
+
+    def encode_text(self, sample: dict) -> dict:
+        from peft_vlm.data.encoding import _checked_messages
+        from peft_vlm.data.prompting import IMAGE_PLACEHOLDER
+        from peft_vlm.data.report import WRONG_SCHEMA
+        from peft_vlm.errors import DataError
+
+        source = str(sample.get("source", "sample"))
+        messages = [m for m in _checked_messages(sample, source) if m["role"] != "system"]
+        if [m["role"] for m in messages] != ["user", "assistant"]:
+            raise DataError(source, WRONG_SCHEMA, "a wrapped transformers VLM trains on one user turn and one answer "
+                                                  f"per sample; this one has turns {[m['role'] for m in messages]}")
+        prompt, answer = messages[0]["content"], messages[1]["content"]
+        images = prompt.count(IMAGE_PLACEHOLDER)
+        return {"prompt": prompt.replace(IMAGE_PLACEHOLDER, "").strip(), "answer": answer, "images": images,
+                "source": source}
+
+    def __call__(self, sample: dict) -> dict:
+        from peft_vlm.data.images import load_image
+        from peft_vlm.data.report import MISALIGNED, TOO_LONG
+        from peft_vlm.errors import DataError
+
+        text = self.encode_text(sample)
+        source = text["source"]
+        images = [load_image(image, source) for image in list(sample.get("images") or [])[: text["images"]]]
+        example = self.model.tokenize([text["prompt"]], images=[images], answers=[text["answer"]])
+        labelled = example["labels"][0]
+        decoded = self.model.tokenizer.decode(labelled[labelled != IGNORE_INDEX], skip_special_tokens=True)
+        if " ".join(text["answer"].split()) not in " ".join(decoded.split()):
+            raise DataError(source, MISALIGNED, f"labelled tokens decode to {decoded!r}, expected {text['answer']!r}")
+        if self.max_length is not None and example["input_ids"].shape[1] > self.max_length:
+            raise DataError(source, TOO_LONG, f"{example['input_ids'].shape[1]} tokens, max_length={self.max_length}")
+        return {**example, "source": source, "truncated": False}
+
+
+class ProcessorCollator:
+    """Examples of a `ProcessorSampleEncoder` -> one left-padded batch for `TransformersVLM.forward(**batch)`; image
+    inputs are concatenated in example order (every image of a batch must give inputs of one shape)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: list):
+        from torch.utils.data import get_worker_info
+
+        from peft_vlm.data.collate import Batch
+        from peft_vlm.data.report import Skipped
+
+        examples = [item for item in items if not isinstance(item, Skipped)]
+        batch = Batch()
+        batch.skipped = [item.error for item in items if isinstance(item, Skipped) and not item.fatal]
+        batch.fatal = [item.error for item in items if isinstance(item, Skipped) and item.fatal]
+        if batch.fatal and get_worker_info() is None:
+            raise batch.fatal[0]
+        batch.sources = [example["source"] for example in examples]
+        batch.truncated = []
+        if not examples:
+            return batch
+        width = max(e["input_ids"].shape[1] for e in examples)
+        pads = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX, **TOKEN_INPUTS}
+        for key in examples[0]:
+            if key in ("source", "truncated"):
+                continue
+            values = [e[key] for e in examples]
+            if key in pads:
+                batch[key] = torch.cat([torch.nn.functional.pad(v, (width - v.shape[1], 0), value=pads[key]) for v in values])
+            else:
+                batch[key] = torch.cat(values)
+        return batch
+
