@@ -122,11 +122,14 @@ def build_model(spec: dict):
             )
         vision = [register_default_vision() if tower == EMBEDDED else tower for tower in vision]
     known = {"vision_pretrained", "connector", "load_in_4bit", "vision_options", "dtype", "train_vision_tower",
-             "image_boundaries", "use_chat_template", "attn_implementation"}
+             "image_boundaries", "use_chat_template", "attn_implementation", "resize"}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise ConfigError(f"model section: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return VisionLanguageModel.from_pretrained(language_model, vision=vision, **spec)
+    resize = spec.pop("resize", "resize")  # written by `base_spec` for adapter files; recipes set data.resize
+    model = VisionLanguageModel.from_pretrained(language_model, vision=vision, **spec)
+    model.resize = resize
+    return model
 
 
 def method_specs(entries: list) -> list:
@@ -254,6 +257,8 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
     # recipe gives the same run whatever ran before it in the process (a tower pretrained on first use, say).
     set_seed(int((recipe.get("train") or {}).get("seed", TrainConfig.seed)))
     model = build_model(recipe.get("model") or {})
+    all_stages = stages(recipe)
+    model.resize = (all_stages[0]["data"] or {}).get("resize") or model.resize  # the zero-shot run sees it too
     eval_spec = recipe.get("eval") or {}
     questions = evaluation_questions(eval_spec) if eval_spec else []
     precision = evaluation_precision((recipe.get("train") or {}).get("mixed_precision"))
@@ -262,14 +267,14 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
         with precision():
             figures["zero_shot"] = answer(model, questions, progress=True)
         log(f"zero-shot (untouched model): {figures['zero_shot']}")
-    all_stages = stages(recipe)
     output_root = Path((recipe.get("train") or {}).get("output_dir", f"out/{recipe['name']}"))
     result = None
     for stage in all_stages:
         apply(model, *method_specs(stage["methods"]))
         data = dict(stage["data"] or {})
         shared = {k: data.pop(k) for k in ("bad_samples", "image_root") if k in data}
-        encoder = SampleEncoder.for_model(model, resize=data.pop("resize", "resize"), max_length=data.pop("max_length", None))
+        resize, max_length = data.pop("resize", None), data.pop("max_length", None)
+        encoder = SampleEncoder.for_model(model, resize=resize, max_length=max_length)
         # a stream set to null (e.g. `--set data.captions=null`) is left out
         datasets = {stream: build_dataset(spec, encoder, shared) for stream in STREAMS if (spec := data.pop(stream, None))}
         if data:

@@ -165,6 +165,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True)
             if target.shape != tensor.shape:
                 raise AdapterMismatchError(f"'{name}': adapter has shape {tuple(tensor.shape)}, model {tuple(target.shape)}")
             target.copy_(tensor.to(target.dtype))
+    if "base_model" in metadata and hasattr(model, "resize"):  # preprocess images as the adapter was trained
+        model.resize = metadata["base_model"].get("resize", "resize")
     return model
 
 
