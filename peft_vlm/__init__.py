@@ -22,7 +22,7 @@ from peft_vlm.errors import (  # noqa: E402
 from peft_vlm.methods.apply import apply, merge, unmerge  # noqa: E402
 from peft_vlm.methods.registry import Method, available_methods, register  # noqa: E402
 from peft_vlm.methods.presets import available_presets  # noqa: E402
-from peft_vlm.runtime.token_context import token_types  # noqa: E402
+from peft_vlm.runtime.token_context import VisualInputs, token_types  # noqa: E402
 from peft_vlm.methods.summary import trainable_summary  # noqa: E402
 from peft_vlm.methods.adapter_file import describe_adapter, load_adapter, save_adapter  # noqa: E402
 from peft_vlm.model.connectors import available_connectors, register_connector  # noqa: E402
@@ -54,7 +54,8 @@ def __getattr__(name):
 
 __all__ = [*_LAZY,
     "AdapterFileError", "AdapterMismatchError", "ConfigError", "DataError", "IncompatibleMethodsError", "Method",
-    "ModelLoadError", "NotMergeableError", "PeftVlmError", "UnknownMethodError", "VisionLanguageModel", "apply",
+    "ModelLoadError", "NotMergeableError", "PeftVlmError", "UnknownMethodError", "VisionLanguageModel", "VisualInputs",
+    "apply",
     "available_connectors", "available_methods", "available_presets", "describe_adapter",
     "load_adapter", "merge", "register", "register_connector", "save_adapter", "token_types", "trainable_summary",
     "unmerge",

@@ -78,6 +78,7 @@ class ModelSection:
     image_boundaries: tuple[str, str] | None = None
     use_chat_template: bool | None = None
     attn_implementation: str | None = None  # e.g. "eager": plain matmuls (faster than CPU SDPA in bf16)
+    resize: str | None = None  # how the adapter's images were resized (base descriptions in adapter files)
     train_projector: bool | None = None  # a wrapped transformers VLM: its projector trains (group vision)
 
 
@@ -269,7 +270,10 @@ def build_model(spec: dict):
             )
         vision = [register_default_vision() if tower == EMBEDDED else tower for tower in vision]
     check_options(ModelSection, spec, "model section")
-    return VisionLanguageModel.from_pretrained(language_model, vision=vision, **spec)
+    resize = spec.pop("resize", "resize")  # written by `base_spec` for adapter files; recipes set data.resize
+    model = VisionLanguageModel.from_pretrained(language_model, vision=vision, **spec)
+    model.resize = resize
+    return model
 
 
 def method_specs(entries: list, where: str = "methods") -> list:
@@ -422,6 +426,7 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
     # recipe gives the same run whatever ran before it in the process (a tower pretrained on first use, say).
     set_seed(int((recipe.get("train") or {}).get("seed", TrainConfig.seed)))
     model = build_model(recipe.get("model") or {})
+    model.resize = (stages(recipe)[0]["data"] or {}).get("resize") or model.resize  # the zero-shot run sees it too
     evaluation = Evaluation(recipe)
     if evaluation.questions and evaluation.spec.get("zero_shot"):
         figures["zero_shot"] = evaluation.answer(model, evaluation.spec["zero_shot"], progress=True)
@@ -446,8 +451,8 @@ def train_stages(model, recipe: dict, evaluation: Evaluation, log=print):
         apply(model, *method_specs(stage["methods"]))
         data = dict(stage["data"] or {})
         shared = {k: data.pop(k) for k in ("bad_samples", "image_root") if k in data}
-        encoder = SampleEncoder.for_model(model, resize=data.pop("resize", "resize"),
-                                          max_length=data.pop("max_length", None))
+        resize, max_length = data.pop("resize", None), data.pop("max_length", None)
+        encoder = SampleEncoder.for_model(model, resize=resize, max_length=max_length)
         # a stream set to null (e.g. `--set data.captions=null`) is left out
         datasets = {stream: build_dataset(spec, encoder, shared)
                     for stream in STREAMS if (spec := data.pop(stream, None))}

@@ -7,6 +7,9 @@ answer's labelled tokens are decoded and must give back the answer text. LLaVA's
 shifted against the text, the sample then trained with all labels ignored) is reported here as
 "misaligned tokenization" instead. A sample cut so short by `max_length` that no answer token is left is "too long";
 one that keeps part of an answer is trained on and flagged `truncated`.
+
+`VisionLanguageModel.tokenize` and `generate` encode their prompts here too (`generation=True`: the sample ends with
+a user turn and the ids end with the assistant's generation prompt), so inference sees the training template.
 """
 from __future__ import annotations
 
@@ -46,37 +49,44 @@ class SampleEncoder:
         self.image_boundaries = image_boundaries
 
     @classmethod
-    def for_model(cls, model, resize: str = "resize", max_length: int | None = None, **options) -> "SampleEncoder":
-        """Match a VisionLanguageModel: its tokenizer, template choice, visual tokens per image and tower input.
-        `max_length` defaults to the language model's context length."""
+    def for_model(cls, model, resize: str | None = None, max_length: int | None = None, **options) -> "SampleEncoder":
+        """Match a VisionLanguageModel: its tokenizer, template choice, visual tokens per image and image processor.
+        `resize` (default: the model's own `model.resize`) also becomes the model's, so that the model remembers
+        the resize mode of the data it is trained on and `generate` preprocesses the same way. `max_length`
+        defaults to the language model's context length."""
         if hasattr(model, "sample_encoder"):  # a wrapped transformers VLM encodes through its own processor
-            return model.sample_encoder(resize=resize, max_length=max_length, **options)
+            return model.sample_encoder(resize=resize or "resize", max_length=max_length, **options)
+        if resize is not None:
+            model.resize = resize
         max_length = max_length or getattr(model.config, "max_position_embeddings", None)
         options.setdefault("use_chat_template", model.use_chat_template)
         options.setdefault("image_boundaries", getattr(model, "image_boundaries", None))
-        processor = ImageProcessor.for_tower(model.vision_tower, resize)
-        return cls(model.tokenizer, model.tokens_per_image, processor, max_length, **options)
+        return cls(model.tokenizer, model.tokens_per_image, model.image_processor, max_length, **options)
 
-    def __call__(self, sample: dict) -> dict:
-        encoded = self.encode_text(sample)
+    def __call__(self, sample: dict, generation: bool = False) -> dict:
+        encoded = self.encode_text(sample, generation)
         images = list(sample.get("images") or [])[: encoded.pop("num_images")]
-        encoded["pixel_values"] = torch.stack([self._pixels(i, encoded["source"]) for i in images]) if images else None
+        encoded["pixel_values"] = torch.stack([self.pixels(i, encoded["source"]) for i in images]) if images else None
         return encoded
 
-    def _pixels(self, image: Any, source: str) -> torch.Tensor:
+    def pixels(self, image: Any, source: str) -> torch.Tensor:
+        """One image (path, PIL image, HWC uint8 array, or an already preprocessed (3, H, W) tensor) as pixels."""
         if isinstance(image, torch.Tensor):
+            if image.dim() != 3:
+                raise ConfigError(f"{source}: a preprocessed image is a (3, H, W) tensor, got {tuple(image.shape)}")
             return image
         if self.image_processor is None:
             raise ConfigError("this encoder has no image processor; build it with SampleEncoder.for_model(model)")
         return self.image_processor(image, source)
 
     # -- text -------------------------------------------------------------------------------------------------------
-    def encode_text(self, sample: dict) -> dict:
-        """Token ids and labels without loading images (cheap enough to check a whole dataset)."""
+    def encode_text(self, sample: dict, generation: bool = False) -> dict:
+        """Token ids and labels without loading images (cheap enough to check a whole dataset). `generation`: the
+        sample is a prompt (no answer needed) and ends with the generation prompt; it is not truncated."""
         source = str(sample.get("source", "sample"))
-        messages = _checked_messages(sample, source)
+        messages = _checked_messages(sample, source, needs_answer=not generation)
         try:
-            segments = conversation_segments(self.tokenizer, messages, self.use_chat_template)
+            segments = conversation_segments(self.tokenizer, messages, self.use_chat_template, generation)
         except Exception as error:  # a template's own checks (role order, ...) raise jinja errors or ValueError
             raise DataError(source, MISALIGNED, f"chat template: {error}") from None
         contents = iter([m["content"] for m in messages if m["role"] == "assistant"])
@@ -93,8 +103,10 @@ class SampleEncoder:
             labels += piece if is_answer else [IGNORE_INDEX] * len(piece)
         if self.check_alignment:
             self._check_alignment(ids, answers, source)
-        ids, labels, truncated = self._truncate(ids, labels, source)
-        num_images = ids.count(IMAGE_TOKEN_ID) // self.tokens_per_image if self.tokens_per_image else 0
+        ids, labels, truncated = (ids, labels, False) if generation else self._truncate(ids, labels, source)
+        # images that take no positions (a method feeds them to the LM itself) are never truncated away
+        num_images = (ids.count(IMAGE_TOKEN_ID) // self.tokens_per_image if self.tokens_per_image
+                      else len(sample.get("images") or []))
         return {"input_ids": ids, "labels": labels, "source": source, "truncated": truncated, "num_images": num_images}
 
     def _check_alignment(self, ids: list[int], answers: list[tuple[int, int, str]], source: str) -> None:
@@ -119,7 +131,7 @@ def _words(text: str) -> str:
     return " ".join(text.split())
 
 
-def _checked_messages(sample: Any, source: str) -> list[dict]:
+def _checked_messages(sample: Any, source: str, needs_answer: bool = True) -> list[dict]:
     """The sample's messages, with image placeholders matching its images (LLaVA layout when there are none)."""
     messages = sample.get("messages") if isinstance(sample, dict) else None
     if not isinstance(messages, list) or not all(
@@ -127,7 +139,7 @@ def _checked_messages(sample: Any, source: str) -> list[dict]:
     ):
         raise DataError(source, WRONG_SCHEMA, "messages must be a list of {role: system/user/assistant, content: str}")
     answers = [m["content"] for m in messages if m["role"] == "assistant"]
-    if not answers or not all(answer.strip() for answer in answers):
+    if (needs_answer and not answers) or not all(answer.strip() for answer in answers):
         raise DataError(source, NO_ANSWER, "no assistant message" if not answers else "an assistant message is empty")
     if any(m["role"] == "assistant" and IMAGE_PLACEHOLDER in m["content"] for m in messages):
         raise DataError(source, WRONG_SCHEMA, f"an assistant message contains {IMAGE_PLACEHOLDER}")

@@ -12,9 +12,11 @@ grey level rather than the mean colour, so "letterbox" pads first and then squas
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -28,9 +30,15 @@ _OPEN_CLIP_MODE = {"resize": "squash", "letterbox": "squash", "crop": "shortest"
 
 
 def load_image(image: Any, source: str) -> Image.Image:
-    """An RGB PIL image from a path or a PIL image; a missing or corrupt file is a DataError naming the row."""
+    """An RGB PIL image from a path, a PIL image or an HWC uint8 array; a missing or corrupt file is a DataError
+    naming the row."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
     if isinstance(image, Image.Image):
         return image.convert("RGB")
+    if not isinstance(image, (str, os.PathLike)):
+        raise ConfigError(f"{source}: expected an image path, a PIL image, an HWC uint8 array or a (3, H, W) tensor, "
+                          f"got {type(image).__name__}")
     path = Path(image)
     if not path.is_file():
         raise DataError(source, MISSING_IMAGE, str(path))

@@ -69,7 +69,9 @@ def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
-def conversation_segments(tokenizer, messages: list[dict], use_chat_template: bool = True) -> list[tuple[str, bool]]:
+def conversation_segments(
+    tokenizer, messages: list[dict], use_chat_template: bool = True, generation_prompt: bool = False
+) -> list[tuple[str, bool]]:
     """A whole conversation as consecutive text pieces; `True` marks an assistant answer, the text that carries loss.
 
     With a chat template, each answer is what the template adds when the turn is appended to the conversation up to
@@ -80,9 +82,12 @@ def conversation_segments(tokenizer, messages: list[dict], use_chat_template: bo
     Without one, BUILTIN_TEMPLATE formats each user turn, answers follow it directly (as `format_chat` prompts for
     at generation time), a system message goes first followed by a blank line, and turns are separated by newlines;
     the caller ends each answer with EOS.
+
+    `generation_prompt`: turns after the last answer end the text with the assistant's generation prompt, as
+    `format_chat` renders it (a prompt to generate from); otherwise they are left out.
     """
     if use_chat_template and getattr(tokenizer, "chat_template", None):
-        return _template_segments(tokenizer, messages)
+        return _template_segments(tokenizer, messages, generation_prompt)
     segments, pending = [], ""
     for message in messages:
         if message["role"] == "system":
@@ -92,10 +97,10 @@ def conversation_segments(tokenizer, messages: list[dict], use_chat_template: bo
         else:
             segments += [(pending, False), (message["content"], True)]
             pending = ""
-    return segments
+    return segments + [(pending, False)] if generation_prompt and pending else segments
 
 
-def _template_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
+def _template_segments(tokenizer, messages: list[dict], generation_prompt: bool) -> list[tuple[str, bool]]:
     def render(turns, generation_prompt):
         return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
 
@@ -109,6 +114,11 @@ def _template_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]
         answer = full[len(prompt):].rstrip()
         segments += [(prompt[len(rendered):], False), (answer, True)]
         rendered = prompt + answer
+    if generation_prompt and messages and messages[-1]["role"] != "assistant":
+        prompt = render(messages, True)
+        if not prompt.startswith(rendered):
+            raise ValueError("the chat template renders the earlier turns differently once the prompt follows")
+        segments.append((prompt[len(rendered):], False))
     return segments
 
 

@@ -66,10 +66,6 @@ class Accuracy:
         return "  ".join(f"{kind} {100 * self[kind]:.1f}% ({self.total[kind]})" for kind in sorted(self.total))
 
 
-def _load(image):
-    return Image.open(image).convert("RGB") if isinstance(image, str) else image
-
-
 @torch.no_grad()
 def vqa_accuracy(
     model,
@@ -89,7 +85,7 @@ def vqa_accuracy(
         batches = tqdm(batches, desc="evaluating", leave=False)
     for start in batches:
         chunk = questions[start : start + batch_size]
-        images = [None if q.image is None else (replace_image or _load(q.image)) for q in chunk]
+        images = [None if q.image is None else (replace_image or q.image) for q in chunk]  # paths open in generate
         answers = model.generate(images=images, prompts=[q.question for q in chunk], max_new_tokens=max_new_tokens)
         for q, answer in zip(chunk, answers):
             accuracy.add(q.kind, q.answer, answer, q.question)

@@ -246,6 +246,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True)
         with torch.no_grad():  # last, once everything fits: some parameters are the base's own (unfrozen norms)
             for name, tensor in tensors.items():
                 parameters[name].copy_(tensor.to(parameters[name].dtype))
+    if "base_model" in metadata and hasattr(model, "resize"):  # preprocess images as the adapter was trained
+        model.resize = metadata["base_model"].get("resize", "resize")
     return model
 
 

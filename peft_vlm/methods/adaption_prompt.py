@@ -56,7 +56,7 @@ class VisualPromptOffset(nn.Module):
 
     def __init__(self, context) -> None:
         super().__init__()
-        self.context = context  # the model's routing context: extras of the running call
+        self.context = context  # the model's routing context: `context.visual` holds the running call's images
         self.cached: torch.Tensor | None = None
         context.call_transforms.append(self._clear)
 
@@ -68,15 +68,15 @@ class VisualPromptOffset(nn.Module):
         raise NotImplementedError
 
     def forward(self, rows: int) -> torch.Tensor | None:
-        extras = self.context.extras
-        if "patch_tokens" not in extras:
+        visual = self.context.visual
+        if visual.patch_tokens is None:
             return None  # a text-only call: no visual contribution
         if self.cached is None:
-            owner = extras["image_owner"]
+            owner = visual.image_owner
             if int(owner.max()) >= rows:
                 raise ConfigError(f"the images belong to {int(owner.max()) + 1} batch rows but the call has {rows}")
             weight = next(self.parameters())
-            self.cached = rows_mean(self.per_image(extras["patch_tokens"].to(weight.device, weight.dtype)), owner, rows)
+            self.cached = rows_mean(self.per_image(visual.patch_tokens.to(weight.device, weight.dtype)), owner, rows)
         return self.cached
 
 

@@ -47,11 +47,11 @@ class EarlyFusion(nn.Module):
         self.gate = nn.Parameter(torch.zeros(heads, device=device, dtype=dtype))  # g = 0: tanh(g) = 0 at start
 
     def forward(self, call: AttentionCall) -> torch.Tensor | None:
-        extras = self.context.extras
-        if "visual_tokens" not in extras:
+        visual = self.context.visual
+        if visual.visual_tokens is None:
             return None
         rows = call.query.shape[0]
-        tokens, mask, has_image = visual_tokens_by_row(extras["visual_tokens"], extras["image_owner"], rows)
+        tokens, mask, has_image = visual_tokens_by_row(visual.visual_tokens, visual.image_owner, rows)
         # Rows without an image attend to placeholder tokens, then get exactly zero: no visual contribution.
         addition = gated_token_attention(call, tokens, self.gate, mask)
         return addition * has_image.to(addition.dtype).view(-1, 1, 1, 1)
@@ -81,8 +81,12 @@ class EarlyFusionMethod(Method):
     config_class = EarlyFusionConfig
     needs_vision = True
 
+    @property
+    def images_in_sequence(self) -> bool:  # the paper's layout takes the visual tokens out of the sequence
+        return self.config.visual_tokens_in_sequence
+
     def attach(self, model: nn.Module, language_model: nn.Module) -> dict[str, list[nn.Parameter]]:
-        takes_images_out = not self.config.visual_tokens_in_sequence
+        takes_images_out = not self.images_in_sequence
         if takes_images_out and "visual_expert" in state_of(model).names():  # refused before the model is touched
             raise IncompatibleMethodsError("the visual expert needs image tokens in the sequence; early fusion with "
                                            "visual_tokens_in_sequence=False takes them out")
@@ -94,6 +98,4 @@ class EarlyFusionMethod(Method):
             module.add_module("early_fusion", fusion)
             add_extension(language_model, module, fusion)
             parameters.append(fusion.gate)
-        if takes_images_out:
-            model.images_in_sequence = False
         return {"vision": parameters}

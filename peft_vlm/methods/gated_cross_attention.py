@@ -61,7 +61,7 @@ def preceding_image(context, visual: torch.Tensor, owner: torch.Tensor, rows: in
 
 
 class GatedCrossAttentionBlock(nn.Module):
-    """Flamingo's GATED XATTN-DENSE block, fed with the routing context's visual tokens."""
+    """Flamingo's GATED XATTN-DENSE block, fed with the visual tokens of the call (`context.visual`)."""
 
     def __init__(self, context, hidden: int, heads: int, ff_mult: int, device, dtype) -> None:
         super().__init__()
@@ -81,8 +81,7 @@ class GatedCrossAttentionBlock(nn.Module):
         self.to(dtype)
 
     def cross_attention(self, x: torch.Tensor) -> torch.Tensor:
-        extras = self.context.extras
-        visual, owner = extras["visual_tokens"], extras["image_owner"]
+        visual, owner = self.context.visual.visual_tokens, self.context.visual.image_owner
         rows, length, hidden = x.shape
         images, count = visual.shape[:2]
         target = preceding_image(self.context, visual, owner.to(x.device), rows, length)
@@ -99,7 +98,7 @@ class GatedCrossAttentionBlock(nn.Module):
         return attended * has_image[..., None].to(attended.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if "visual_tokens" in self.context.extras:
+        if self.context.visual.visual_tokens is not None:
             x = x + torch.tanh(self.attention_gate) * self.cross_attention(x)  # eq. (1): y = y + tanh(a) xattn(y, x)
         return x + torch.tanh(self.feed_forward_gate) * self.feed_forward(x)  # y = y + tanh(b) ffw(y)
 

@@ -44,6 +44,9 @@ class Method:
     repeatable: ClassVar[bool] = False
     #: Whether the method needs a VisionLanguageModel (image tokens, visual features) rather than a bare LM.
     needs_vision: ClassVar[bool] = False
+    #: False when the method feeds the images to the language model itself, so that the VisionLanguageModel leaves
+    #: their visual tokens out of the token sequence (read through `VisionLanguageModel.images_in_sequence`).
+    images_in_sequence: ClassVar[bool] = True
 
     def __init__(self, config: Any) -> None:
         self.config = config

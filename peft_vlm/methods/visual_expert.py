@@ -169,7 +169,7 @@ class SharedImagePositions:
 
     def __call__(self, context: RoutingContext, kwargs: dict) -> None:
         if context.token_types is not None:
-            saved = saved_positions(context.token_types, _tokens_per_image(context))
+            saved = saved_positions(context.token_types, context.visual.tokens_per_image)
             kwargs["position_ids"] = _positions(kwargs, saved.shape) - saved
             if kwargs.get("attention_mask") is None:
                 # Without a mask, transformers reads repeated position ids as packed sequences and splits attention.
@@ -196,11 +196,6 @@ def saved_positions(token_types: torch.Tensor, tokens_per_image: int | None) -> 
     if tokens_per_image:
         repeats &= (image.long().cumsum(-1) - 1) % tokens_per_image != 0
     return repeats.long().cumsum(-1)
-
-
-def _tokens_per_image(context: RoutingContext) -> int | None:
-    visual = context.extras.get("visual_tokens")
-    return None if visual is None else visual.shape[1]
 
 
 def _cache_length(kwargs: dict) -> int:
@@ -239,7 +234,7 @@ class VisualExpertMethod(Method):
     config_class = VisualExpertConfig
 
     def attach(self, model: nn.Module, language_model: nn.Module) -> dict[str, list[nn.Parameter]]:
-        if not getattr(model, "images_in_sequence", True):
+        if any(not getattr(entry.method, "images_in_sequence", True) for entry in state_of(model).methods()):
             raise IncompatibleMethodsError("the visual expert routes image tokens, but a method took the images out of "
                                            "the sequence (early fusion with visual_tokens_in_sequence=False)")
         config, context = self.config, state_of(model).context

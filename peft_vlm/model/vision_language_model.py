@@ -2,14 +2,18 @@
 
 Images become runs of visual tokens spliced into the prompt's embeddings at image placeholders (LLaVA's design).
 The model records, per position, whether a token is an image token; methods that route image tokens differently
-(early fusion, visual expert) read that through `peft_vlm.runtime.token_context`.
+(early fusion, visual expert) read that, and the images' patch and visual tokens, as one typed value
+(`peft_vlm.runtime.token_context.VisualInputs`).
+
+Inference takes the training path: `tokenize` and `generate` encode prompts with the training `SampleEncoder`,
+batch them with its `Collator` and preprocess images with the model's `ImageProcessor`, so the prompt template and
+the resize mode (`model.resize`, recorded in adapter files) are the same at evaluation as in training.
 """
 from __future__ import annotations
 
 import warnings
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
@@ -17,16 +21,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from peft_vlm.runtime import token_context
 from peft_vlm.model.connectors import build_connector
 from peft_vlm.errors import ConfigError, ModelLoadError
-from peft_vlm.data.prompting import (
-    IGNORE_INDEX,
-    IMAGE_PLACEHOLDER,
-    IMAGE_TOKEN_ID,
-    format_chat,
-    pad_left,
-    supervised_span,
-    tokenize_with_images,
-    with_placeholders,
-)
+from peft_vlm.data.collate import Collator
+from peft_vlm.data.encoding import SampleEncoder
+from peft_vlm.data.images import RESIZE_MODES, ImageProcessor
+from peft_vlm.data.prompting import IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID, supervised_span, with_placeholders
+from peft_vlm.runtime.token_context import VisualInputs
 from peft_vlm.runtime.tracking import AppliedMethod, refresh_trainable, state_of
 from peft_vlm.model.vision_towers import VisionTower, build_vision_tower
 
@@ -69,9 +68,12 @@ class VisionLanguageModel(nn.Module):
         use_chat_template: bool = True,
         image_boundaries: tuple[str, str] | None = None,
         train_vision_tower: bool = False,
+        resize: str = "resize",
     ):
         """`image_boundaries` (open, close) wraps each image's visual tokens in those strings as text (KOSMOS-1);
-        `train_vision_tower` unfreezes the tower as a built-in part, group "vision" (off, as Prismatic advises)."""
+        `train_vision_tower` unfreezes the tower as a built-in part, group "vision" (off, as Prismatic advises);
+        `resize` is how images of any shape reach the tower's square input ("resize", "letterbox" or "crop", see
+        `peft_vlm.data.images`), at training and at inference alike."""
         super().__init__()
         model_type = getattr(language_model.config, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -81,9 +83,8 @@ class VisionLanguageModel(nn.Module):
         self.tokenizer = tokenizer
         self.use_chat_template = use_chat_template
         self.image_boundaries = tuple(image_boundaries) if image_boundaries else None
-        # LLaVA's layout by default: visual tokens are spliced into the sequence. Methods with their own path for the
-        # images (early fusion) turn this off; the images then still reach them through the routing extras.
-        self.images_in_sequence = True
+        self._image_processor: ImageProcessor | None = None
+        self.resize = resize
         self.connector_name = connector
         hidden_size = language_model.get_input_embeddings().embedding_dim
         self.connector = build_connector(connector, vision_tower.width, hidden_size)
@@ -162,6 +163,8 @@ class VisionLanguageModel(nn.Module):
             spec["train_vision_tower"] = True
         if not self.use_chat_template:
             spec["use_chat_template"] = False
+        if self.resize != "resize":
+            spec["resize"] = self.resize
         for rename in BASE_NAMES:
             spec = rename(spec)
         return spec
@@ -172,10 +175,36 @@ class VisionLanguageModel(nn.Module):
         return self.language_model.config
 
     @property
+    def images_in_sequence(self) -> bool:
+        """LLaVA's layout (True): visual tokens are spliced into the sequence. False when an applied method declares
+        that it feeds the images to the language model itself (`Method.images_in_sequence`, e.g. LLaMA-Adapter V2's
+        early fusion); the images then reach it through the call's `VisualInputs` only."""
+        return all(getattr(entry.method, "images_in_sequence", True) for entry in state_of(self).methods())
+
+    @property
     def tokens_per_image(self) -> int:
-        """Sequence positions one image takes: its visual tokens, or none when a method feeds the images to the
-        language model another way (`images_in_sequence = False`, e.g. LLaMA-Adapter V2's early fusion)."""
+        """Sequence positions one image takes: its visual tokens, or none when the images are not in the sequence."""
         return self.connector.num_output_tokens(self.vision_tower.num_tokens) if self.images_in_sequence else 0
+
+    @property
+    def resize(self) -> str:
+        """How images reach the tower's input size: "resize" (squash), "letterbox" or "crop". `SampleEncoder.
+        for_model(model, resize=...)` sets it, adapter files record it and `pv.load_adapter` restores it, so
+        `generate` preprocesses as the model was trained."""
+        return self._resize
+
+    @resize.setter
+    def resize(self, mode: str) -> None:
+        if mode not in RESIZE_MODES:
+            raise ConfigError(f"resize={mode!r} is not a resize mode; use one of {', '.join(RESIZE_MODES)}")
+        self._resize = mode
+
+    @property
+    def image_processor(self) -> ImageProcessor:
+        """Path or PIL image -> the tower's (3, H, W) input, in the model's resize mode (training and inference)."""
+        if self._image_processor is None or self._image_processor.mode != self.resize:
+            self._image_processor = ImageProcessor.for_tower(self.vision_tower, self.resize)
+        return self._image_processor
 
     def _lm_device(self) -> torch.device:
         return self.language_model.get_input_embeddings().weight.device
@@ -187,21 +216,10 @@ class VisionLanguageModel(nn.Module):
 
     # -- images ----------------------------------------------------------------------------------------------------
     def pixel_values(self, images: Sequence[Any]) -> torch.Tensor:
-        """Stack images (PIL images, HWC uint8 arrays, or preprocessed CHW tensors) into one batch."""
-        from PIL import Image
-
-        tensors = []
-        for index, image in enumerate(images):
-            if isinstance(image, np.ndarray):
-                image = Image.fromarray(image)
-            if isinstance(image, Image.Image):
-                if self.vision_tower.preprocess is None:
-                    raise ConfigError("this vision tower has no preprocessing; pass images as (3, H, W) tensors")
-                image = self.vision_tower.preprocess(image.convert("RGB"))
-            if not isinstance(image, torch.Tensor) or image.dim() != 3:
-                raise ConfigError(f"image #{index}: expected a PIL image, an HWC array or a (3, H, W) tensor")
-            tensors.append(image)
-        return torch.stack(tensors)
+        """Stack images (paths, PIL images, HWC uint8 arrays, or preprocessed (3, H, W) tensors) into one batch,
+        preprocessed as in training (`image_processor`)."""
+        encoder = SampleEncoder(self.tokenizer, self.tokens_per_image, self.image_processor)
+        return torch.stack([encoder.pixels(image, f"image #{index}") for index, image in enumerate(images)])
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(images, 3, H, W) -> (images, tokens_per_image, hidden) visual tokens in the LM's embedding space."""
@@ -218,22 +236,23 @@ class VisionLanguageModel(nn.Module):
         """Token embeddings with the visual tokens spliced in at the IMAGE_TOKEN_ID positions."""
         return self._embed(input_ids, pixel_values, image_rows)[0]
 
-    def _embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_rows=None) -> tuple[torch.Tensor, dict]:
-        """(embeddings, routing extras): the extras give methods the images' patch and visual tokens and the batch
-        row of each image (`image_rows`, needed when the images take no positions in the sequence)."""
+    def _embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+               image_rows=None) -> tuple[torch.Tensor, VisualInputs]:
+        """(embeddings, the call's visual inputs): the token types, the images' patch and visual tokens and the
+        batch row of each image (`image_rows`, needed when the images take no positions in the sequence)."""
         image_positions = input_ids == IMAGE_TOKEN_ID
+        token_types = image_positions.long()
         embeddings = self.language_model.get_input_embeddings()(input_ids.masked_fill(image_positions, 0))
         num_slots = int(image_positions.sum())
         if pixel_values is None or len(pixel_values) == 0:
             if num_slots:
                 raise ConfigError(f"the input has {num_slots} image token slots but no pixel_values were given")
-            return embeddings, {}
+            return embeddings, VisualInputs(token_types=token_types)
         patches, visual = self._encode(pixel_values)
         if not num_slots and not self.images_in_sequence:
             if image_rows is None or len(image_rows) != len(visual):
                 raise ConfigError("images outside the sequence need image_rows: the batch row of each image")
-            extras = {"patch_tokens": patches, "visual_tokens": visual, "image_owner": image_rows.to(visual.device)}
-            return embeddings, extras
+            return embeddings, VisualInputs(patches, visual, image_rows.to(visual.device), token_types)
         if visual.shape[0] * visual.shape[1] != num_slots:
             raise ConfigError(
                 f"{visual.shape[0]} image(s) give {visual.shape[0] * visual.shape[1]} visual tokens "
@@ -242,9 +261,9 @@ class VisionLanguageModel(nn.Module):
         # Images are spliced in reading order, so image i belongs to the row holding its first slot.
         slot_rows = image_positions.nonzero()[:, 0]
         image_owner = slot_rows[:: visual.shape[1]]
-        extras = {"patch_tokens": patches, "visual_tokens": visual, "image_owner": image_owner}
         flat = visual.to(embeddings.dtype).reshape(-1, embeddings.shape[-1])
-        return embeddings.masked_scatter(image_positions.unsqueeze(-1), flat), extras
+        spliced = embeddings.masked_scatter(image_positions.unsqueeze(-1), flat)
+        return spliced, VisualInputs(patches, visual, image_owner, token_types)
 
     # -- text ------------------------------------------------------------------------------------------------------
     def tokenize(
@@ -254,35 +273,27 @@ class VisionLanguageModel(nn.Module):
         answers: Sequence[str] | None = None,
         chat: bool | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Batch inputs for `forward`/`generate`. `images[i]` is None, one image or a list of images for prompt i;
-        prompts without a placeholder get theirs in front. With `answers`, labels cover the answers only."""
+        """Batch inputs for `forward`/`generate`, encoded and collated exactly as training data (`SampleEncoder`,
+        `Collator`). `images[i]` is None, one image or a list of images (paths, PIL images, arrays or tensors) for
+        prompt i; prompts without a placeholder get theirs in front. Without `answers` each row ends with the
+        assistant's generation prompt; with them, labels cover the answers only."""
         chat = self.use_chat_template if chat is None else chat
-        per_prompt = [self._as_list(images[i] if images is not None else None) for i in range(len(prompts))]
-        sequences, label_rows, flat_images = [], [], []
-        for index, (prompt, own_images) in enumerate(zip(prompts, per_prompt)):
-            prompt = with_placeholders(prompt, len(own_images))
-            if prompt.count(IMAGE_PLACEHOLDER) != len(own_images):
-                raise ConfigError(
-                    f"prompt #{index} has {prompt.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) "
-                    f"but {len(own_images)} image(s)"
-                )
-            text = format_chat(self.tokenizer, prompt, chat)
-            ids = tokenize_with_images(self.tokenizer, text, self.tokens_per_image, boundaries=self.image_boundaries)
-            labels = [IGNORE_INDEX] * len(ids)
+        encoder = SampleEncoder.for_model(self, use_chat_template=chat)
+        examples = []
+        for index, prompt in enumerate(prompts):
+            own_images = self._as_list(images[index] if images is not None else None)
+            placeholders = with_placeholders(prompt, len(own_images)).count(IMAGE_PLACEHOLDER)
+            if placeholders != len(own_images):
+                raise ConfigError(f"prompt #{index} has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) "
+                                  f"but {len(own_images)} image(s)")
+            messages = [{"role": "user", "content": prompt}]
             if answers is not None:
-                answer_ids = self.tokenizer(answers[index], add_special_tokens=False)["input_ids"]
-                answer_ids.append(self.tokenizer.eos_token_id)
-                ids, labels = ids + answer_ids, labels + answer_ids
-            sequences.append(ids)
-            label_rows.append(labels)
-            flat_images.extend(own_images)
-        input_ids, attention_mask = pad_left(sequences, self.tokenizer.pad_token_id)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if answers is not None:
-            batch["labels"], _ = pad_left(label_rows, IGNORE_INDEX)
-        if flat_images:
-            batch["pixel_values"] = self.pixel_values(flat_images)
-            batch["image_rows"] = torch.tensor([row for row, own in enumerate(per_prompt) for _ in own], dtype=torch.long)
+                messages.append({"role": "assistant", "content": answers[index]})
+            sample = {"messages": messages, "images": own_images, "source": f"prompt #{index}"}
+            examples.append(encoder(sample, generation=answers is None))
+        batch = dict(Collator.for_model(self)(examples))
+        if answers is None:
+            del batch["labels"]
         return batch
 
     @staticmethod
@@ -311,15 +322,14 @@ class VisionLanguageModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(device)
-        embeddings, extras = self._embed(input_ids, pixel_values, image_rows)
-        token_types = (input_ids == IMAGE_TOKEN_ID).long()
+        embeddings, visual = self._embed(input_ids, pixel_values, image_rows)
         # Left padding: positions count real tokens only, as during generation.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         if labels is not None:
             labels = labels.to(device)
             if "logits_to_keep" not in kwargs:
                 labels, kwargs["logits_to_keep"] = supervised_span(labels)
-        with token_context.token_types(self, token_types, **extras):
+        with token_context.token_types(self, visual):
             return self.language_model(
                 inputs_embeds=embeddings,
                 attention_mask=attention_mask,
@@ -337,7 +347,8 @@ class VisionLanguageModel(nn.Module):
         chat: bool | None = None,
         **generation_options,
     ) -> list[str]:
-        """Answer each prompt about its image(s) with the language model's `generate` (KV cache on)."""
+        """Answer each prompt about its image(s) (paths or PIL images, see `tokenize`) with the language model's
+        `generate` (KV cache on); prompts and images are prepared as in training."""
         if prompts is None:
             raise ConfigError("generate() needs prompts=")
         if isinstance(prompts, str):
@@ -352,10 +363,10 @@ class VisionLanguageModel(nn.Module):
         device = self._lm_device()
         input_ids = input_ids.to(device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-        embeddings, extras = self._embed(input_ids, pixel_values, image_rows)
+        embeddings, visual = self._embed(input_ids, pixel_values, image_rows)
         generation_options.setdefault("do_sample", False)
         generation_options.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        with token_context.token_types(self, (input_ids == IMAGE_TOKEN_ID).long(), **extras):
+        with token_context.token_types(self, visual):
             return self.language_model.generate(
                 inputs_embeds=embeddings, attention_mask=attention_mask, **generation_options
             )
