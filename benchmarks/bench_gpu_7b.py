@@ -13,7 +13,7 @@ checkpointing, batch 1; its peak allocated memory is compared with the QLoRA pap
 
     python benchmarks/bench_gpu_7b.py             # needs a CUDA GPU (about 45 GB free at the defaults)
     python benchmarks/bench_gpu_7b.py --quick     # SmolLM2 shape, few steps: checks the script on any GPU
-    python benchmarks/bench_gpu_7b.py --quick --shape tiny --device cpu --no-record   # checks its logic on CPU (the test
+    python benchmarks/bench_gpu_7b.py --quick --shape tiny --device cpu --no-record  # checks its logic on CPU (the test
                                             # suite does); CPU figures say nothing about a GPU and are never recorded
 """
 from __future__ import annotations
@@ -154,7 +154,8 @@ def main(argv=None) -> None:
     setup = (f"{args.shape} shape, random bf16 weights, batch {args.batch} x {args.seq} tokens, AdamW, median of "
              f"{args.steps} alternating steps after {args.warmup} warm-up, SDPA, "
              "no gradient checkpointing (QLoRA: with)")
-    common.report("bench_gpu_7b", setup, [*lines, "", *qlora_lines], [*notes, *qlora_notes], args.device, not args.no_record)
+    common.report("bench_gpu_7b", setup, [*lines, "", *qlora_lines], [*notes, *qlora_notes], args.device,
+                  not args.no_record)
 
 
 if __name__ == "__main__":

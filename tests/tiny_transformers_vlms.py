@@ -139,8 +139,8 @@ def build_paligemma(seed: int = 0):
     return model, processor
 
 
-BUILDERS = {"llava": build_llava, "qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl, "llava_next": build_llava_next,
-            "idefics3": build_idefics3, "paligemma": build_paligemma}
+BUILDERS = {"llava": build_llava, "qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl,
+            "llava_next": build_llava_next, "idefics3": build_idefics3, "paligemma": build_paligemma}
 
 
 def save_tiny(name: str, folder, seed: int = 0) -> str:

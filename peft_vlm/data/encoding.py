@@ -153,5 +153,7 @@ def _checked_messages(sample: Any, source: str, needs_answer: bool = True) -> li
         messages[first_user] = {**messages[first_user],
                                 "content": with_placeholders(messages[first_user]["content"], len(images))}
     elif placeholders != len(images):
-        raise DataError(source, WRONG_SCHEMA, f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s)")
+        raise DataError(
+            source, WRONG_SCHEMA, f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s)"
+        )
     return messages

@@ -126,7 +126,10 @@ def caption_sample(record: Any, source: str, image_root: Path, prompt: str = CAP
 
 
 def caption_messages(image: Any, caption: str, source: str, prompt: str = CAPTION_PROMPT) -> dict:
-    messages = [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{prompt}"}, {"role": "assistant", "content": caption}]
+    messages = [
+        {"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{prompt}"},
+        {"role": "assistant", "content": caption},
+    ]
     return {"messages": messages, "images": [image], "source": source}
 
 

@@ -38,7 +38,8 @@ def leading_special_ids(tokenizer) -> list[int]:
 
 
 def tokenize_with_images(
-    tokenizer, text: str, tokens_per_image: int, add_special_tokens: bool = True, boundaries: tuple[str, str] | None = None
+    tokenizer, text: str, tokens_per_image: int, add_special_tokens: bool = True,
+    boundaries: tuple[str, str] | None = None,
 ) -> list[int]:
     """Token ids of `text`, each placeholder expanded to `tokens_per_image` IMAGE_TOKEN_ID sentinels.
 

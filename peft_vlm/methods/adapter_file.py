@@ -57,7 +57,9 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
     of one model match."""
     language_model = language_model_of(model)
     config = language_model.config
-    result: dict[str, Any] = {key: getattr(config, key) for key in CONFIG_KEYS if getattr(config, key, None) is not None}
+    result: dict[str, Any] = {
+        key: getattr(config, key) for key in CONFIG_KEYS if getattr(config, key, None) is not None
+    }
     tracked = {id(p) for p, _, _ in named_tracked_parameters(model).values()}
     tensors = [("embed_tokens", language_model.get_input_embeddings().weight)]
     output = language_model.get_output_embeddings()
@@ -78,7 +80,8 @@ def _describe_difference(saved: dict[str, Any], current: dict[str, Any]) -> list
             continue
         if saved.get(key) != current.get(key):
             differences.append(f"{key}: adapter has {saved.get(key)!r}, model has {current.get(key)!r}")
-    if not differences and None not in (saved.get("weights"), current.get("weights")) and saved["weights"] != current["weights"]:
+    if (not differences and None not in (saved.get("weights"), current.get("weights"))
+            and saved["weights"] != current["weights"]):
         differences.append("weights: same architecture but different weights (embeddings or vision tower differ)")
     return differences
 
@@ -113,7 +116,9 @@ def write_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], met
     target = _adapter_path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(target.name + ".tmp")
-    save_file({name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}, str(temporary), metadata=metadata)
+    save_file(
+        {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}, str(temporary), metadata=metadata
+    )
     os.replace(temporary, target)
     return target
 
@@ -143,7 +148,10 @@ def _json_field(raw: dict[str, str], key: str, kind: type, target: Path, require
     except json.JSONDecodeError as error:
         raise AdapterFileError(f"'{target}': metadata field '{key}' is not valid JSON ({error})") from None
     if not isinstance(value, kind):
-        raise AdapterFileError(f"'{target}': metadata field '{key}' must be a JSON {'list' if kind is list else 'object'}, got {value!r:.80}")
+        raise AdapterFileError(
+            f"'{target}': metadata field '{key}' must be a JSON {'list' if kind is list else 'object'}, "
+            f"got {value!r:.80}"
+        )
     return value
 
 
@@ -242,7 +250,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True)
         for name, tensor in tensors.items():
             if parameters[name].shape != tensor.shape:
                 raise AdapterMismatchError(
-                    f"adapter '{target}': '{name}' has shape {tuple(tensor.shape)}, model {tuple(parameters[name].shape)}")
+                    f"adapter '{target}': '{name}' has shape {tuple(tensor.shape)}, "
+                    f"model {tuple(parameters[name].shape)}")
         with torch.no_grad():  # last, once everything fits: some parameters are the base's own (unfrozen norms)
             for name, tensor in tensors.items():
                 parameters[name].copy_(tensor.to(parameters[name].dtype))

@@ -20,7 +20,7 @@ from torch import nn
 from peft_vlm.runtime.attention import AttentionCall, add_extension, attention_modules, gated_token_attention
 from peft_vlm.errors import ConfigError, IncompatibleMethodsError
 from peft_vlm.methods.registry import Method, register
-from peft_vlm.runtime.lm_layers import hidden_dtype, hidden_size, layer_device
+from peft_vlm.runtime.lm_layers import hidden_dtype, layer_device
 from peft_vlm.runtime.tracking import state_of
 
 

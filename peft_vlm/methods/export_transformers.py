@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peft_vlm.errors import ConfigError, NotMergeableError, PeftVlmError
+from peft_vlm.errors import ConfigError, PeftVlmError
 from peft_vlm.methods.apply import merge, unmerge
 from peft_vlm.methods.bias_scale import BiasScale
 from peft_vlm.runtime.attention import PREFIX

@@ -74,7 +74,8 @@ class GatedCrossAttentionBlock(nn.Module):
             self.key_value = nn.Linear(hidden, 2 * hidden, bias=False)
             self.output = nn.Linear(hidden, hidden, bias=False)
             self.feed_forward = nn.Sequential(
-                nn.LayerNorm(hidden), nn.Linear(hidden, ff_mult * hidden), nn.GELU(), nn.Linear(ff_mult * hidden, hidden)
+                nn.LayerNorm(hidden), nn.Linear(hidden, ff_mult * hidden), nn.GELU(),
+                nn.Linear(ff_mult * hidden, hidden),
             )
             self.attention_gate = nn.Parameter(torch.zeros(1))  # alpha = 0: tanh(alpha) = 0 at start
             self.feed_forward_gate = nn.Parameter(torch.zeros(1))
@@ -105,7 +106,10 @@ class GatedCrossAttentionBlock(nn.Module):
 
 def decoder_layers(language_model: nn.Module) -> list[nn.Module]:
     """The decoder layers (modules holding a layer's self-attention), lowest first."""
-    layers = [m for m in language_model.modules() if isinstance(getattr(getattr(m, "self_attn", None), "layer_idx", None), int)]
+    layers = [
+        m for m in language_model.modules()
+        if isinstance(getattr(getattr(m, "self_attn", None), "layer_idx", None), int)
+    ]
     return sorted(layers, key=lambda m: m.self_attn.layer_idx)
 
 

@@ -25,7 +25,9 @@ ADAPTER_NAME = "default"
 
 
 def is_quantized(language_model: nn.Module) -> bool:
-    return bool(getattr(language_model, "is_loaded_in_4bit", False) or getattr(language_model, "is_loaded_in_8bit", False))
+    return bool(
+        getattr(language_model, "is_loaded_in_4bit", False) or getattr(language_model, "is_loaded_in_8bit", False)
+    )
 
 
 @register
@@ -59,7 +61,9 @@ class LoraMethod(Method):
         and token, measured at several percent of `generate`'s speed). Save the adapter before merging."""
         language_model = language_model_of(model)
         if is_quantized(language_model):
-            warnings.warn("LoRA stays unmerged: merging into 4-bit weights would re-quantize them (lossy)", stacklevel=3)
+            warnings.warn(
+                "LoRA stays unmerged: merging into 4-bit weights would re-quantize them (lossy)", stacklevel=3
+            )
             return
         for name, layer in list(language_model.named_modules()):
             if isinstance(layer, LoraLayer):

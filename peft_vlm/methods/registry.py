@@ -94,7 +94,9 @@ def config_from_entry(entry: Any, where: str) -> Any:
     options = dict(entry)
     name = options.pop("method", None)
     if not isinstance(name, str):
-        raise ConfigError(f"{where}: 'method' must name a method, got {name!r}; methods: {', '.join(sorted(available_methods()))}")
+        raise ConfigError(
+            f"{where}: 'method' must name a method, got {name!r}; methods: {', '.join(sorted(available_methods()))}"
+        )
     method_class = get_method(name)
     where = f"{where} ({name})"
     if dataclasses.is_dataclass(method_class.config_class):

@@ -50,7 +50,9 @@ class VisualExpertConfig:
 
     def __post_init__(self) -> None:
         if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
-            raise ConfigError(f"VisualExpertConfig: rank must be a positive integer or None (full expert), got {self.rank!r}")
+            raise ConfigError(
+                f"VisualExpertConfig: rank must be a positive integer or None (full expert), got {self.rank!r}"
+            )
         if self.alpha is not None and self.rank is None:
             raise ConfigError("VisualExpertConfig: alpha scales the low-rank expert; it needs rank=r")
         if self.layers is not None:
@@ -124,7 +126,9 @@ class LowRankExpert(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float | None):
         super().__init__()
         weight = base.weight
-        dtype = weight.dtype if weight.dtype.is_floating_point else getattr(base, "compute_dtype", None) or torch.float32
+        dtype = (
+            weight.dtype if weight.dtype.is_floating_point else getattr(base, "compute_dtype", None) or torch.float32
+        )
         self.A = nn.Parameter(torch.empty(rank, base.in_features, device=weight.device, dtype=dtype))
         self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=weight.device, dtype=dtype))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
@@ -249,7 +253,9 @@ class VisualExpertMethod(Method):
         for index in sorted({i % len(layers) for i in chosen}):
             for part, names in EXPERT_PROJECTIONS.items():
                 owner = self._part(layers[index], part, index)
-                swaps += [(owner, name, self._expert(getattr(owner, name), f"layer {index} {part}.{name}")) for name in names]
+                swaps += [
+                    (owner, name, self._expert(getattr(owner, name), f"layer {index} {part}.{name}")) for name in names
+                ]
         for owner, name, expert in swaps:
             setattr(owner, name, ExpertLinear(getattr(owner, name), expert, router))
         if config.shared_image_position:

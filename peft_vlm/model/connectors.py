@@ -63,7 +63,9 @@ class Downsample2x2MlpConnector(Connector):
 
     def __init__(self, vision_width: int, hidden_size: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(4 * vision_width, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(4 * vision_width, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size)
+        )
 
     @staticmethod
     def grid_side(num_patches: int) -> int:

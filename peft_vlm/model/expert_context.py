@@ -63,4 +63,6 @@ def with_expert_context(
 def generate_with_expert(model, images: Sequence[Any] | None, prompts: Sequence[str], expert: Callable[[Any], str],
                          template: str = DEFAULT_TEMPLATE, **generation_options) -> list[str]:
     """`model.generate` on the prompts with the expert's context added."""
-    return model.generate(images=images, prompts=with_expert_context(prompts, images, expert, template), **generation_options)
+    return model.generate(
+        images=images, prompts=with_expert_context(prompts, images, expert, template), **generation_options
+    )

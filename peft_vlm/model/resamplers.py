@@ -69,7 +69,9 @@ class QFormerBlock(nn.Module):
         super().__init__()
         heads = _heads(width)
         self.self_attention = nn.MultiheadAttention(width, heads, batch_first=True)
-        self.cross_attention = nn.MultiheadAttention(width, heads, kdim=vision_width, vdim=vision_width, batch_first=True)
+        self.cross_attention = nn.MultiheadAttention(
+            width, heads, kdim=vision_width, vdim=vision_width, batch_first=True
+        )
         self.feed_forward = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
         self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(3))
 
@@ -85,7 +87,9 @@ class QFormer(Connector):
     self-attention and read the frozen tower's patch tokens through cross-attention in `depth` blocks; a linear
     layer projects their outputs to the LM's width (sec 3.3), where they act as soft visual prompts."""
 
-    def __init__(self, vision_width: int, hidden_size: int, num_queries: int = 32, depth: int = 2, width: int | None = None):
+    def __init__(
+        self, vision_width: int, hidden_size: int, num_queries: int = 32, depth: int = 2, width: int | None = None
+    ):
         super().__init__()
         width = width or vision_width
         self.queries = nn.Parameter(torch.randn(num_queries, width) * 0.02)

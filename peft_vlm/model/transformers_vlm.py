@@ -86,7 +86,9 @@ class TransformersVLM(nn.Module):
         super().__init__()
         model_type = model.config.model_type
         if model_type not in FAMILIES:
-            raise ConfigError(f"transformers VLM type '{model_type}' is not supported; supported: {', '.join(FAMILIES)}")
+            raise ConfigError(
+                f"transformers VLM type '{model_type}' is not supported; supported: {', '.join(FAMILIES)}"
+            )
         self.model = model
         self.family = FAMILIES[model_type]
         self.processor = processor
@@ -121,7 +123,9 @@ class TransformersVLM(nn.Module):
             model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype or "auto", **kwargs)
             processor = AutoProcessor.from_pretrained(str(path))
         except (OSError, ValueError) as error:
-            raise ModelLoadError(f"could not load a transformers VLM and its processor from '{path}': {error}") from None
+            raise ModelLoadError(
+                f"could not load a transformers VLM and its processor from '{path}': {error}"
+            ) from None
         return cls(model.eval(), processor, train_projector=train_projector, use_chat_template=use_chat_template)
 
     # -- structure -------------------------------------------------------------------------------------------------
@@ -146,7 +150,10 @@ class TransformersVLM(nn.Module):
         """Why `method` cannot work on this model, or None when it can (asked by `pv.apply` before attaching)."""
         arch = self.architecture
         if method.name in REFUSED:
-            return f"method '{method.name}' cannot be applied to a wrapped {arch} model: " + REFUSED[method.name].format(arch=arch)
+            return (
+                f"method '{method.name}' cannot be applied to a wrapped {arch} model: "
+                + REFUSED[method.name].format(arch=arch)
+            )
         if method.name == "adaption_prompt" and method.config.multimodal:
             return (f"method 'adaption_prompt' with multimodal=True cannot be applied to a wrapped {arch} model: it "
                     "reads the patch tokens of a peft_vlm vision tower; use multimodal=False")
@@ -172,12 +179,16 @@ class TransformersVLM(nn.Module):
 
     # -- text and images -------------------------------------------------------------------------------------------
     def prompt_text(self, prompt: str, images: int, chat: bool) -> str:
-        image_token = getattr(self.processor, "image_token", None) or self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        image_token = (
+            getattr(self.processor, "image_token", None) or self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        )
         if self.family.suffix_answers:
             return prompt
         if chat and getattr(self.processor, "chat_template", None):
             content = [{"type": "image"}] * images + [{"type": "text", "text": prompt}]
-            return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+            return self.processor.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True
+            )
         return image_token * images + prompt
 
     def tokenize(
@@ -346,7 +357,9 @@ class ProcessorCollator:
                 continue
             values = [e[key] for e in examples]
             if key in pads:
-                batch[key] = torch.cat([torch.nn.functional.pad(v, (width - v.shape[1], 0), value=pads[key]) for v in values])
+                batch[key] = torch.cat(
+                    [torch.nn.functional.pad(v, (width - v.shape[1], 0), value=pads[key]) for v in values]
+                )
             else:
                 batch[key] = torch.cat(values)
         return batch

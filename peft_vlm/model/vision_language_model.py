@@ -77,7 +77,9 @@ class VisionLanguageModel(nn.Module):
         super().__init__()
         model_type = getattr(language_model.config, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
-            warnings.warn(f"language model type '{model_type}' is untested; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+            warnings.warn(
+                f"language model type '{model_type}' is untested; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
         self.language_model = language_model
         self.vision_tower = vision_tower
         self.tokenizer = tokenizer
@@ -93,7 +95,8 @@ class VisionLanguageModel(nn.Module):
             tokenizer.pad_token = tokenizer.eos_token
         state = state_of(self)
         if train_connector:
-            state.add(AppliedMethod("connector", {"connector": connector}, None, {"vision": list(self.connector.parameters())}))
+            state.add(AppliedMethod("connector", {"connector": connector}, None,
+                                    {"vision": list(self.connector.parameters())}))
         if train_vision_tower:
             state.add(AppliedMethod("vision_tower", {}, None, {"vision": list(vision_tower.parameters())}))
         token_context.install(self, language_model)

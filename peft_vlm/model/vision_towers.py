@@ -38,7 +38,9 @@ def refuse_pickle_weights(value, where: str) -> None:
         for item in value:
             refuse_pickle_weights(item, where)
     elif isinstance(value, str) and value:
-        pickled = value.lower().endswith(PICKLE_SUFFIXES) or (os.path.isfile(value) and not value.endswith(".safetensors"))
+        pickled = value.lower().endswith(PICKLE_SUFFIXES) or (
+            os.path.isfile(value) and not value.endswith(".safetensors")
+        )
         if os.path.isdir(value):
             names = os.listdir(value)
             pickled = any(n.endswith(PICKLE_SUFFIXES) for n in names) and not any(".safetensors" in n for n in names)
@@ -81,7 +83,9 @@ class OpenClipVisionTower(VisionTower):
                     name, pretrained=pretrained, image_resize_mode=resize_mode
                 )
         except RuntimeError as error:
-            raise ModelLoadError(f"open_clip could not create vision tower '{name}' (pretrained={pretrained!r}): {error}") from None
+            raise ModelLoadError(
+                f"open_clip could not create vision tower '{name}' (pretrained={pretrained!r}): {error}"
+            ) from None
         self.visual = clip.visual
         if not hasattr(self.visual, "forward_intermediates") or not hasattr(self.visual, "transformer"):
             raise ModelLoadError(f"vision tower '{name}' is not a ViT; patch tokens are taken from ViT towers only")
@@ -135,7 +139,8 @@ class ModuleVisionTower(VisionTower):
             probe = module(torch.zeros(1, 3, *self.image_size, device=device))
         if probe.dim() != 3:
             raise ModelLoadError(
-                f"vision module {type(module).__name__} must return (batch, tokens, width) patch tokens, got shape {tuple(probe.shape)}"
+                f"vision module {type(module).__name__} must return (batch, tokens, width) patch tokens, "
+                f"got shape {tuple(probe.shape)}"
             )
         self.num_tokens, self.width = probe.shape[1], probe.shape[2]
         self.description = {"module": type(module).__name__, "tokens": self.num_tokens, "width": self.width}
@@ -171,7 +176,8 @@ class TimmVisionTower(VisionTower):
         self.preprocess = timm.data.create_transform(**config, is_training=False)
         self.preprocess_cfg = {key: config[key] for key in ("mean", "std", "interpolation")}
         self.description = {"timm": name, "pretrained": bool(pretrained), "feature_layer": self.feature_layer,
-                            **{key: value for key, value in model_options.items() if isinstance(value, (int, float, str))}}
+                            **{key: value for key, value in model_options.items()
+                               if isinstance(value, (int, float, str))}}
         if not pretrained:
             self.description["seed"] = seed
 

@@ -39,8 +39,12 @@ class VisualInputs:
         if images and self.image_owner is None:
             raise ConfigError("VisualInputs: image tokens need image_owner, the batch row of each image")
         if any(len(tensor) != len(images[0]) for tensor in images):
-            counts = ", ".join(f"{name}={len(getattr(self, name))}" for name in IMAGE_FIELDS if getattr(self, name) is not None)
-            raise ConfigError(f"VisualInputs: patch_tokens, visual_tokens and image_owner give one entry per image, got {counts}")
+            counts = ", ".join(
+                f"{name}={len(getattr(self, name))}" for name in IMAGE_FIELDS if getattr(self, name) is not None
+            )
+            raise ConfigError(
+                f"VisualInputs: patch_tokens, visual_tokens and image_owner give one entry per image, got {counts}"
+            )
 
     @property
     def has_images(self) -> bool:
@@ -132,7 +136,9 @@ def install(model: nn.Module, language_model: nn.Module) -> RoutingContext:
 
         def activate(module, args, kwargs):
             announced = context.announced
-            context.token_types = announced if announced is not None and announced.shape == _call_shape(args, kwargs) else None
+            context.token_types = (
+                announced if announced is not None and announced.shape == _call_shape(args, kwargs) else None
+            )
             for transform in context.call_transforms:
                 transform(context, kwargs)
             return args, kwargs

@@ -43,5 +43,6 @@ def test_every_import_stays_in_its_layer_or_goes_down():
 
 
 def test_the_layer_list_names_every_part_of_the_package():
-    parts = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()}
+    parts = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
+             if p.suffix == ".py" or (p / "__init__.py").exists()}
     assert {"foundation" if part in FOUNDATION else part for part in parts} == set(LAYERS)

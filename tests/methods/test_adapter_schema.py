@@ -43,14 +43,17 @@ MALFORMED = {
     "method name not a string": ("methods", [{"method": 3, "config": {}}], "field 'methods' entry #1 must be"),
     "option of the wrong type": ("methods", [{"method": "lora", "config": {"r": "four"}}],
                                  r"field 'methods' entry #1 \(lora\): r='four' is not valid; r takes an integer"),
-    "unknown option": ("methods", [{"method": "lora", "config": {"rank": 4}}], r"entry #1 \(lora\): unknown option\(s\) rank"),
-    "an int for a bool option": ("methods", [{"method": "bias_scale", "config": {"norms": 1}}], r"norms=1 is not valid"),
+    "unknown option": ("methods", [{"method": "lora", "config": {"rank": 4}}],
+                       r"entry #1 \(lora\): unknown option\(s\) rank"),
+    "an int for a bool option": ("methods", [{"method": "bias_scale", "config": {"norms": 1}}],
+                                 r"norms=1 is not valid"),
     "base missing": ("base", None, "field 'base' is missing"),
     "base not a mapping": ("base", [1], "field 'base' must be a JSON object"),
     "base value of the wrong type": ("base", {"num_hidden_layers": "2"}, "field 'base' has num_hidden_layers='2'"),
     "base value a bool": ("base", {"hidden_size": True}, "field 'base' has hidden_size=True"),
     "groups missing": ("groups", None, "field 'groups' is missing"),
-    "groups not naming the tensors": ("groups", {"x": "lora/language"}, "field 'groups' does not name the file's tensors"),
+    "groups not naming the tensors": ("groups", {"x": "lora/language"},
+                                      "field 'groups' does not name the file's tensors"),
     "groups owner malformed": ("groups", "{\"a\": 1}", "field 'groups' must map each tensor"),
     "version missing": ("peft_vlm_version", None, "field 'peft_vlm_version' is missing"),
     "base_model not JSON": ("base_model", "{", "field 'base_model' is not valid JSON"),
@@ -82,7 +85,9 @@ def test_commands_end_in_one_line_and_a_nonzero_exit_on_malformed_adapters(comma
 
 def test_an_unknown_method_names_the_file_and_the_method(adapter, lm_factory, tmp_path):
     bad = rewrite(adapter, tmp_path / "bad.safetensors", methods=[{"method": "dora", "config": {}}])
-    with pytest.raises(pv.UnknownMethodError, match=r"bad.safetensors': metadata field 'methods' entry #1: unknown method 'dora'"):
+    with pytest.raises(
+        pv.UnknownMethodError, match=r"bad.safetensors': metadata field 'methods' entry #1: unknown method 'dora'"
+    ):
         pv.load_adapter(lm_factory(), bad)
 
 
@@ -147,7 +152,8 @@ def test_an_adapter_naming_a_pickle_file_is_refused_without_any_unpickling(pickl
 
 
 @pytest.mark.parametrize("base_model, message", [
-    ({"language_model": "embedded", "vision": "embedded", "vision_options": {"checkpoint_path": "weights.pth"}}, "weights.pth"),
+    ({"language_model": "embedded", "vision": "embedded", "vision_options": {"checkpoint_path": "weights.pth"}},
+     "weights.pth"),
     ({"language_model": "LM_FOLDER_PICKLED", "vision": "embedded"}, "lm-pickled"),
 ])
 def test_pickled_weights_named_anywhere_in_the_base_description_are_refused(base_model, message, adapter, lm_folder,

@@ -39,7 +39,9 @@ def test_logits_at_init_equal_the_base_model_exactly(lm_factory, model_type, imp
 def test_matches_peft_adaption_prompt_with_open_gates_and_grouped_query_attention(lm_factory):
     """Same prompts and gates as peft's implementation (one ungated-tanh gate per layer) give the same logits:
     prompts through the frozen key/value projections, no rotary position, a separate softmax, gated."""
-    reference = peft.get_peft_model(lm_factory(), peft.AdaptionPromptConfig(adapter_len=3, adapter_layers=1, task_type="CAUSAL_LM"))
+    reference = peft.get_peft_model(
+        lm_factory(), peft.AdaptionPromptConfig(adapter_len=3, adapter_layers=1, task_type="CAUSAL_LM")
+    )
     ours = pv.apply(lm_factory(), pv.AdaptionPromptConfig(length=3, layers=1))
     wrapped = reference.base_model.model.model.layers[1].self_attn
     mine = ours.model.layers[1].self_attn.adaption_prompt

@@ -111,8 +111,12 @@ def test_on_a_4bit_base_bias_scale_trains_and_merge_warns_and_keeps_it(lm_factor
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     lm_factory().save_pretrained(tmp_path / "lm")
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "lm", quantization_config=quantization, device_map="cpu", dtype=torch.float32)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "lm", quantization_config=quantization, device_map="cpu", dtype=torch.float32
+    )
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
     with torch.no_grad():
         before = model(**_batch()).logits

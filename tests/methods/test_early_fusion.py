@@ -67,7 +67,8 @@ def test_official_visual_query_needs_adaption_prompts_first(vlm_factory):
 
 def test_official_visual_query_is_added_to_the_late_prompts_of_image_rows(vlm_factory, images):
     model = pv.apply(
-        vlm_factory(), pv.AdaptionPromptConfig(length=3, layers=1), pv.VisualQueryPromptConfig(width=16, depth=1, heads=2)
+        vlm_factory(), pv.AdaptionPromptConfig(length=3, layers=1),
+        pv.VisualQueryPromptConfig(width=16, depth=1, heads=2),
     )
     batch = model.tokenize(["What is in the picture?", "What is in the picture?"], [images[0], None])
     text_only = pv.apply(vlm_factory(), pv.AdaptionPromptConfig(length=3, layers=1))

@@ -11,8 +11,8 @@ PRESETS = ["llama-adapter-v1", "llama-adapter-v1-multimodal", "llama-adapter-v2"
 
 
 def _all_methods():
-    return (pv.AdaptionPromptConfig(length=4, layers=1, multimodal=True), pv.BiasScaleConfig(), pv.EarlyFusionConfig(layers=1),
-            pv.VisualQueryPromptConfig(width=16, depth=1, heads=2))
+    return (pv.AdaptionPromptConfig(length=4, layers=1, multimodal=True), pv.BiasScaleConfig(),
+            pv.EarlyFusionConfig(layers=1), pv.VisualQueryPromptConfig(width=16, depth=1, heads=2))
 
 
 def _open(model, seed=0):

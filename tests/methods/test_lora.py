@@ -92,7 +92,9 @@ def test_peft_export_loads_with_plain_peft_and_gives_same_logits(lm_factory, tmp
 
 def test_qlora_lowers_the_loss_on_a_fixed_batch(lm_factory, tokenizer, tiny_vit, images, tmp_path):
     lm_factory().save_pretrained(tmp_path / "lm")
-    model = pv.VisionLanguageModel.from_pretrained(str(tmp_path / "lm"), tokenizer=tokenizer, vision=tiny_vit, load_in_4bit=True)
+    model = pv.VisionLanguageModel.from_pretrained(
+        str(tmp_path / "lm"), tokenizer=tokenizer, vision=tiny_vit, load_in_4bit=True
+    )
     assert model.language_model.is_loaded_in_4bit
     assert type(model.language_model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     pv.apply(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))

@@ -53,7 +53,8 @@ def test_apply_with_a_refused_later_config_leaves_the_model_as_it_was(vlm_factor
     assert_unchanged(model, before)
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, logits)  # no hook, gate or wrapper of the refused call still runs
-    pv.apply(model, pv.AdaptionPromptConfig(length=2, layers=2), pv.BiasScaleConfig())  # a retry is not "already applied"
+    # a retry is not "already applied"
+    pv.apply(model, pv.AdaptionPromptConfig(length=2, layers=2), pv.BiasScaleConfig())
     assert pv.trainable_summary(model).trainable_parameters > 0
 
 
@@ -154,7 +155,8 @@ def test_a_refused_load_leaves_the_model_as_it_was_and_a_retry_works(case, vlm_f
             parameter.add_(0.01 * torch.randn_like(parameter))
     good = pv.save_adapter(trained, tmp_path / "good")
     tensors, metadata, message = REFUSED_LOADS[case]
-    if case in ("missing tensor", "extra tensor"):  # the groups field follows the tensors, so the file stays well-formed
+    # the groups field follows the tensors, so the file stays well-formed
+    if case in ("missing tensor", "extra tensor"):
         with safe_open(str(good), framework="pt") as handle:
             groups = json.loads(handle.metadata()["groups"])
         names = set(tensors({k: torch.zeros(1) for k in groups}))
@@ -178,7 +180,8 @@ def test_unmerge_that_fails_half_way_merges_back_what_it_had_unmerged(vlm_factor
     with torch.no_grad():
         merged_logits = model(**batch).logits
     monkeypatch.setattr(LoraMethod, "unmerge", lambda self, model: (_ for _ in ()).throw(RuntimeError("disk on fire")))
-    with pytest.raises(RuntimeError, match="disk on fire"):  # bias/scale (unmerged first, in reverse order) merges again
+    # bias/scale (unmerged first, in reverse order) merges again
+    with pytest.raises(RuntimeError, match="disk on fire"):
         pv.unmerge(model)
     assert snapshot(model)["modules"] == before["modules"] and is_merged(model) == ["lora", "bias_scale"]
     with torch.no_grad():

@@ -111,7 +111,9 @@ def test_expert_weights_are_in_group_vision_unless_another_group_is_named(lm_fac
 def test_only_the_named_layers_get_an_expert(lm_factory):
     model = pv.apply(lm_factory(), pv.VisualExpertConfig(layers=[1]))
     assert not isinstance(model.model.layers[0].self_attn.q_proj, ExpertLinear)
-    assert all(isinstance(getattr(model.model.layers[1].mlp, n), ExpertLinear) for n in ("gate_proj", "up_proj", "down_proj"))
+    assert all(
+        isinstance(getattr(model.model.layers[1].mlp, n), ExpertLinear) for n in ("gate_proj", "up_proj", "down_proj")
+    )
     with pytest.raises(pv.ConfigError, match=r"layers \[5\] do not exist; the model has 2 layers"):
         pv.apply(lm_factory(), pv.VisualExpertConfig(layers=[5]))
 
@@ -142,7 +144,9 @@ def test_low_rank_expert_on_the_7b_configuration_adds_twenty_million_parameters_
     assert pv.trainable_summary(model).trainable_parameters == 32 * per_layer == 19_988_480
 
 
-@pytest.mark.parametrize("options", [{}, {"rank": 4}, {"shared_image_position": True}, {"rank": 4, "shared_image_position": True}])
+@pytest.mark.parametrize(
+    "options", [{}, {"rank": 4}, {"shared_image_position": True}, {"rank": 4, "shared_image_position": True}]
+)
 def test_cached_greedy_generation_equals_uncached(vlm_factory, images, options):
     model = pv.apply(vlm_factory(), pv.VisualExpertConfig(**options))
     perturb_experts(model, scale=0.2)

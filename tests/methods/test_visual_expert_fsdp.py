@@ -21,7 +21,9 @@ def launch(launcher: list[str], output: Path) -> subprocess.Popen:
 
 def test_fsdp2_on_two_processes_writes_the_same_adapter_as_one_process(tmp_path):
     runs = {
-        "fsdp": launch(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], tmp_path / "fsdp.safetensors"),
+        "fsdp": launch(
+            ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], tmp_path / "fsdp.safetensors"
+        ),
         "single": launch([], tmp_path / "single.safetensors"),
     }
     for name, process in runs.items():

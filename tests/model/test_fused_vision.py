@@ -67,7 +67,9 @@ def test_vision_language_model_on_fused_towers_generates(tokenizer, lm_factory, 
     assert model.generate(images=[images[0]], prompts=["Colour?"], max_new_tokens=2)
 
 
-def test_vision_tower_is_frozen_by_default_and_trains_as_group_vision_when_asked(tokenizer, lm_factory, tiny_vit, images, tmp_path):
+def test_vision_tower_is_frozen_by_default_and_trains_as_group_vision_when_asked(
+    tokenizer, lm_factory, tiny_vit, images, tmp_path
+):
     frozen = pv.VisionLanguageModel.from_pretrained(llm=lm_factory(), tokenizer=tokenizer, vision=tiny_vit)
     assert not any(p.requires_grad for p in frozen.vision_tower.parameters())
 

@@ -97,7 +97,8 @@ def test_boundaries_reach_training_samples_too(vlm_factory, images):
 
     model = vlm_factory(connector="qformer")
     model.image_boundaries = BOUNDARIES
-    sample = {"messages": [{"role": "user", "content": "<image> and <image>?"}, {"role": "assistant", "content": "red"}],
+    sample = {"messages": [{"role": "user", "content": "<image> and <image>?"},
+                           {"role": "assistant", "content": "red"}],
               "images": images[:2]}
     encoded = SampleEncoder.for_model(model)(sample)
     runs = image_runs(encoded["input_ids"])

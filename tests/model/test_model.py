@@ -24,7 +24,9 @@ def test_token_types_mark_image_positions_during_forward(vlm_factory, images):
     model = vlm_factory()
     context = state_of(model).context
     seen = []
-    model.language_model.model.layers[0].register_forward_pre_hook(lambda module, args: seen.append(context.token_types))
+    model.language_model.model.layers[0].register_forward_pre_hook(
+        lambda module, args: seen.append(context.token_types)
+    )
     batch = model.tokenize(["<image> left and <image> right"], [[images[0], images[1]]])
     model(**batch)
     expected = (batch["input_ids"] == IMAGE_TOKEN_ID).long()
@@ -37,7 +39,9 @@ def test_forward_with_labels_returns_loss_on_answers_only(vlm_factory, images):
     batch = model.tokenize(["What colour?", "What shape?"], [images[0], images[1]], answers=["red", "a blue square"])
     labelled = batch["labels"] != IGNORE_INDEX
     assert not labelled[batch["input_ids"] == IMAGE_TOKEN_ID].any()
-    assert labelled.sum(1).tolist() == [len(model.tokenizer(a, add_special_tokens=False).input_ids) + 1 for a in ["red", "a blue square"]]
+    assert labelled.sum(1).tolist() == [
+        len(model.tokenizer(a, add_special_tokens=False).input_ids) + 1 for a in ["red", "a blue square"]
+    ]
     output = model(**batch)
     assert output.loss is not None and torch.isfinite(output.loss)
 
@@ -53,7 +57,9 @@ def test_batched_left_padded_generation_equals_one_by_one(vlm_factory, images):
     model = vlm_factory()
     prompts = ["What is in the picture?", "Colour?"]
     together = model.generate(images=images[:2], prompts=prompts, max_new_tokens=5)
-    alone = [model.generate(images=[image], prompts=[prompt], max_new_tokens=5)[0] for image, prompt in zip(images, prompts)]
+    alone = [
+        model.generate(images=[image], prompts=[prompt], max_new_tokens=5)[0] for image, prompt in zip(images, prompts)
+    ]
     assert together == alone
 
 
@@ -91,7 +97,9 @@ def test_any_module_giving_patch_tokens_can_be_the_vision_tower(lm_factory, toke
         def forward(self, pixels):
             return self.conv(pixels).flatten(2).transpose(1, 2)
 
-    model = pv.VisionLanguageModel.from_pretrained(llm=lm_factory(), tokenizer=tokenizer, vision=Patches(), vision_options={"image_size": 32})
+    model = pv.VisionLanguageModel.from_pretrained(
+        llm=lm_factory(), tokenizer=tokenizer, vision=Patches(), vision_options={"image_size": 32}
+    )
     assert model.tokens_per_image == 4
     assert model.generate(images=[images[0]], prompts=["Hi"], max_new_tokens=2)
 

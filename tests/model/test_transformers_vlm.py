@@ -53,9 +53,13 @@ def test_generate_gives_the_plain_models_greedy_answer(arch):
     model = wrapped(arch)
     inputs = batch(model, answers=False)
     with torch.no_grad():
-        plain = model.model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=model.tokenizer.pad_token_id)
+        plain = model.model.generate(
+            **inputs, max_new_tokens=6, do_sample=False, pad_token_id=model.tokenizer.pad_token_id
+        )
     assert model.generate_ids(**inputs, max_new_tokens=6).tolist() == plain[:, inputs["input_ids"].shape[1]:].tolist()
-    answers = model.generate(images=pictures(2), prompts=["What is in the picture?", "Is there a shape?"], max_new_tokens=4)
+    answers = model.generate(
+        images=pictures(2), prompts=["What is in the picture?", "Is there a shape?"], max_new_tokens=4
+    )
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
 

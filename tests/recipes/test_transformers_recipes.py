@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 import peft_vlm as pv

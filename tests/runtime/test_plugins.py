@@ -109,7 +109,8 @@ def test_a_third_party_method_installed_with_an_entry_point_is_found_and_applied
     '''))
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(package)],
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target),
+         str(package)],
         check=True,
     )
     sys.path.insert(0, str(target))
