@@ -28,6 +28,20 @@ class Batch(dict):
         return int((self["labels"] != IGNORE_INDEX).sum()) if len(self) else 0
 
 
+def start_batch(items: list) -> tuple[list[dict], Batch]:
+    """(the examples, an empty Batch that lists where they came from and what was skipped); a fatal bad row is
+    raised here in the main process (a DataLoader worker passes it on for `DataReport.add_batch`)."""
+    examples = [item for item in items if not isinstance(item, Skipped)]
+    batch = Batch()
+    batch.skipped = [item.error for item in items if isinstance(item, Skipped) and not item.fatal]
+    batch.fatal = [item.error for item in items if isinstance(item, Skipped) and item.fatal]
+    if batch.fatal and get_worker_info() is None:
+        raise batch.fatal[0]
+    batch.sources = [example["source"] for example in examples]
+    batch.truncated = [example["source"] for example in examples if example.get("truncated")]
+    return examples, batch
+
+
 class Collator:
     """`collate_fn` for a DataLoader over a SampleDataset; `Skipped` markers are dropped and listed in
     `batch.skipped`. A batch of skipped rows only has no model inputs (`len(batch) == 0`)."""
@@ -44,14 +58,7 @@ class Collator:
         return cls(model.tokenizer.pad_token_id)
 
     def __call__(self, items: list) -> Batch:
-        examples = [item for item in items if not isinstance(item, Skipped)]
-        batch = Batch()
-        batch.skipped = [item.error for item in items if isinstance(item, Skipped) and not item.fatal]
-        batch.fatal = [item.error for item in items if isinstance(item, Skipped) and item.fatal]
-        if batch.fatal and get_worker_info() is None:
-            raise batch.fatal[0]
-        batch.sources = [example["source"] for example in examples]
-        batch.truncated = [example["source"] for example in examples if example.get("truncated")]
+        examples, batch = start_batch(items)
         if not examples:
             return batch
         batch["input_ids"], batch["attention_mask"] = pad_left([e["input_ids"] for e in examples], self.pad_token_id)

@@ -335,19 +335,9 @@ class ProcessorCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, items: list):
-        from torch.utils.data import get_worker_info
+        from peft_vlm.data.collate import start_batch
 
-        from peft_vlm.data.collate import Batch
-        from peft_vlm.data.report import Skipped
-
-        examples = [item for item in items if not isinstance(item, Skipped)]
-        batch = Batch()
-        batch.skipped = [item.error for item in items if isinstance(item, Skipped) and not item.fatal]
-        batch.fatal = [item.error for item in items if isinstance(item, Skipped) and item.fatal]
-        if batch.fatal and get_worker_info() is None:
-            raise batch.fatal[0]
-        batch.sources = [example["source"] for example in examples]
-        batch.truncated = []
+        examples, batch = start_batch(items)
         if not examples:
             return batch
         width = max(e["input_ids"].shape[1] for e in examples)
