@@ -76,7 +76,10 @@ class ImageProcessor:
 
     @classmethod
     def for_tower(cls, tower, mode: str = "resize") -> "ImageProcessor":
-        """Use the tower's input size and normalisation (open_clip's preprocess config where there is one)."""
+        """Use the tower's input size and normalisation (open_clip's preprocess config where there is one); a tower
+        that brings its own image processor (a transformers vision model) keeps it for the default mode."""
+        if mode == "resize" and getattr(tower, "image_processor", None) is not None:
+            return OwnImageProcessor(tower.preprocess, mode)
         visual = getattr(tower, "visual", None)  # an open_clip tower's own preprocessing config
         config = getattr(tower, "preprocess_cfg", None) or getattr(visual, "preprocess_cfg", None) or {}
         return cls(tower.image_size, mode, mean=config.get("mean", OPENAI_MEAN), std=config.get("std", OPENAI_STD),
@@ -87,3 +90,14 @@ class ImageProcessor:
         if self.mode == "letterbox":
             image = pad_to_square(image, self.fill)
         return self.transform(image)
+
+
+class OwnImageProcessor:
+    """Images through a tower's own processor (e.g. a transformers `CLIPImageProcessor`), in training and at
+    inference alike, so that a model exported to transformers sees the pixels it was trained on."""
+
+    def __init__(self, preprocess, mode: str = "resize"):
+        self.preprocess, self.mode = preprocess, mode
+
+    def __call__(self, image: Any, source: str = "image") -> torch.Tensor:
+        return self.preprocess(load_image(image, source))
