@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from peft_vlm.model.module_base import VisionLanguageModule
 from peft_vlm.errors import ConfigError, ModelLoadError
 from peft_vlm.runtime import token_context
 from peft_vlm.runtime.tracking import AppliedMethod, refresh_trainable, state_of
@@ -79,7 +80,7 @@ def _parameters(part) -> list[nn.Parameter]:
     return [part] if isinstance(part, nn.Parameter) else list(part.parameters())
 
 
-class TransformersVLM(nn.Module):
+class TransformersVLM(VisionLanguageModule):
     """A transformers `...ForConditionalGeneration` VLM and its processor, ready for `pv.apply`."""
 
     def __init__(self, model: nn.Module, processor, train_projector: bool = False, use_chat_template: bool = True):
@@ -169,14 +170,6 @@ class TransformersVLM(nn.Module):
             spec["train_projector"] = True
         return spec
 
-    def _device(self) -> torch.device:
-        return self.language_model.get_input_embeddings().weight.device
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.vision_tower.train(mode and any(p.requires_grad for p in self.vision_tower.parameters()))
-        return self
-
     # -- text and images -------------------------------------------------------------------------------------------
     def prompt_text(self, prompt: str, images: int, chat: bool) -> str:
         image_token = (
@@ -239,7 +232,7 @@ class TransformersVLM(nn.Module):
 
     # -- running ---------------------------------------------------------------------------------------------------
     def _on_device(self, inputs: dict) -> dict:
-        device = self._device()
+        device = self._lm_device()
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **inputs):

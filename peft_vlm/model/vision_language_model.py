@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from peft_vlm.runtime import token_context
 from peft_vlm.model.connectors import build_connector
+from peft_vlm.model.module_base import VisionLanguageModule
 from peft_vlm.errors import ConfigError, ModelLoadError
 from peft_vlm.data.collate import Collator
 from peft_vlm.data.encoding import SampleEncoder
@@ -57,7 +58,7 @@ def load_language_model(path: str, load_in_4bit: bool = False, dtype: Any = None
     return model
 
 
-class VisionLanguageModel(nn.Module):
+class VisionLanguageModel(VisionLanguageModule):
     def __init__(
         self,
         language_model: PreTrainedModel,
@@ -208,14 +209,6 @@ class VisionLanguageModel(nn.Module):
         if self._image_processor is None or self._image_processor.mode != self.resize:
             self._image_processor = ImageProcessor.for_tower(self.vision_tower, self.resize)
         return self._image_processor
-
-    def _lm_device(self) -> torch.device:
-        return self.language_model.get_input_embeddings().weight.device
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.vision_tower.train(mode and any(p.requires_grad for p in self.vision_tower.parameters()))
-        return self
 
     # -- images ----------------------------------------------------------------------------------------------------
     def pixel_values(self, images: Sequence[Any]) -> torch.Tensor:
