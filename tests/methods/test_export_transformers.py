@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import peft_vlm as pv
 from peft_vlm.methods.bias_scale import BiasScale
+from conftest import train_steps
 from tiny_transformers_vlms import BUILDERS, pictures, wrapped
 
 ARCHITECTURES = list(BUILDERS)
@@ -28,13 +29,8 @@ def trained(arch, *configs, steps=3):
     model = wrapped(arch)
     pv.apply(model, *configs)
     inputs = model.tokenize(PROMPTS, images=pictures(2), answers=["A red circle.", "Yes."])
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    model.train()
-    for _ in range(steps):
-        optimizer.zero_grad()
-        model(**inputs).loss.backward()
-        optimizer.step()
-    return model.eval()
+    train_steps(model, inputs, steps, lr=5e-2)
+    return model
 
 
 def reload_in_plain_transformers(folder, texts, tmp_path, max_new_tokens=5):
@@ -149,13 +145,8 @@ def built_here(tmp_path, tower="clip", connector="mlp2x_gelu", **lm_options):
 
 def train_built(model, steps=3):
     inputs = model.tokenize(PROMPTS, images=[[p] for p in pictures(2)], answers=["A red circle.", "Yes."])
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    model.train()
-    for _ in range(steps):
-        optimizer.zero_grad()
-        model(**inputs).loss.backward()
-        optimizer.step()
-    return model.eval()
+    train_steps(model, inputs, steps, lr=5e-2)
+    return model
 
 
 def assert_llava_export_matches(model, tmp_path):

@@ -5,6 +5,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 import peft_vlm as pv
+from conftest import train_steps
 from tiny_transformers_vlms import BUILDERS, batch, wrapped
 
 ARCHITECTURES = list(BUILDERS)
@@ -42,13 +43,8 @@ def trained(arch, method, seed=0):
 
 def train(model, steps=3):
     inputs = batch(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    model.train()
-    for _ in range(steps):
-        optimizer.zero_grad()
-        model(**inputs).loss.backward()
-        optimizer.step()
-    return model.eval(), inputs
+    train_steps(model, inputs, steps, lr=5e-2)
+    return model, inputs
 
 
 @pytest.mark.parametrize("method", list(METHODS))
