@@ -12,7 +12,8 @@ after warm-up), in the same process as the ceiling:
   variant's dtype (the larger of the two shapes' rates);
 - levers: the LM head on the supervised span (`VisionLanguageModel.forward` does it when labels are given), bf16
   autocast, plain-matmul attention (`attn_implementation: eager`; the fused CPU SDPA kernels are slow in bf16 at
-  these lengths), and what the remaining levers could at most save: the frozen tower's share of the step (features
+  these lengths), frozen linear weights held in bf16 (`train.frozen_linears_in_bf16`: autocast no longer casts them
+  in every forward), and what the remaining levers could at most save: the frozen tower's share of the step (features
   computed once per image would remove it), the padding share of the batch's positions (length grouping or packing
   would remove it); "no backward below the lowest trained layer" does not apply: bias/scale trains layer 0.
 
@@ -28,6 +29,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import common  # this folder is on sys.path when a script here runs
+from peft_vlm.training.frozen_weights import frozen_linear_weights_in
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "llama_adapter_v2_joint.yaml"
 
@@ -65,12 +67,13 @@ def step_flops(step) -> int:
 
 
 def measure(models: dict[str, object], batch: dict, steps: int, warmup: int, ceiling: dict[str, float]) -> list[list]:
-    """`models`: {"sdpa": model, "eager": model} (same weights). Rows: variant, dtype, s/step, speed-up, MFU."""
+    """`models`: {"sdpa", "eager", "frozen_bf16": model} (same weights). Rows: variant, dtype, s/step, speed-up, MFU."""
     variants = {
         "reference: fp32, full LM head, SDPA": (models["sdpa"], False, True),
         "+ LM head on the supervised span": (models["sdpa"], False, False),
         "+ bf16 autocast": (models["sdpa"], True, False),
         "+ plain-matmul attention (bf16)": (models["eager"], True, False),
+        "+ frozen linear weights held in bf16": (models["frozen_bf16"], True, False),
         "plain-matmul attention, fp32": (models["eager"], False, False),
     }
     steps_by_name = {name: make_step(model, batch, bf16, full) for name, (model, bf16, full) in variants.items()}
@@ -123,6 +126,12 @@ def main(argv=None) -> None:
     models, batch = {}, None
     for attn in ("sdpa", "eager"):
         models[attn], batch = main_job_batch(args.recipe, args.batch, attn)
+    models["frozen_bf16"], _ = main_job_batch(args.recipe, args.batch, "eager")
+    with frozen_linear_weights_in(models["frozen_bf16"], torch.bfloat16):  # as the trainer holds it: the whole run
+        run(args, models, batch)
+
+
+def run(args, models: dict, batch: dict) -> None:
     config = models["sdpa"].language_model.config
     start_load = common.load_average()
     tokens = batch["input_ids"].numel()

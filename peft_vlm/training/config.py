@@ -29,6 +29,9 @@ class TrainConfig:
     caption_groups: tuple[str, ...] = ("vision",)
     instruction_groups: tuple[str, ...] = ("language",)
     mixed_precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bf16", "no"
+    # with mixed_precision bf16: hold the frozen fp32 linear weights in bf16 while training, so that autocast does not
+    # cast them again in every forward (the same matmul operands, so the same losses; training/frozen_weights.py)
+    frozen_linears_in_bf16: bool = False
     gradient_checkpointing: bool = False
     sharding: str = "ddp"  # "ddp" or "fsdp2" (parameters sharded over processes)
     seed: int = 0
@@ -46,6 +49,9 @@ class TrainConfig:
             if not valid:
                 raise ConfigError(f"TrainConfig: {name}={getattr(self, name)!r} is not valid; "
                                   f"{name} must be {accepted}")
+        if self.frozen_linears_in_bf16 and (self.mixed_precision != "bf16" or self.sharding != "ddp"):
+            raise ConfigError("TrainConfig: frozen_linears_in_bf16=True needs mixed_precision='bf16' and "
+                              f"sharding='ddp' (got {self.mixed_precision!r}, {self.sharding!r})")
         overlap = set(self.caption_groups) & set(self.instruction_groups)
         if overlap:
             raise ConfigError(f"caption_groups and instruction_groups must be disjoint; both have {sorted(overlap)}")

@@ -29,6 +29,7 @@ from peft_vlm.training import checkpoint as ckpt
 from peft_vlm.training import deepspeed as ds
 from peft_vlm.training.accelerate_backend import AccelerateBackend
 from peft_vlm.training.config import TrainConfig
+from peft_vlm.training.frozen_weights import frozen_linear_weights_in
 from peft_vlm.training.preflight import check_output_dir, refuse_merged
 from peft_vlm.training.reporting import Reporter
 from peft_vlm.training.streams import DataStream, make_streams, micro_batches, param_groups, stand_in_batch, stream_for
@@ -79,6 +80,9 @@ class JointTrainer:
         self.metadata = adapter_metadata(model)
         # now, not at the first checkpoint (with checkpoint_every 0: after all steps)
         check_output_dir(config.output_dir)
+        if config.frozen_linears_in_bf16 and ds.requested():
+            raise ConfigError("TrainConfig: frozen_linears_in_bf16=True is for single-process and DDP runs; "
+                              "DeepSpeed keeps its own copies of the weights")
         self.backend = ds.DeepSpeedBackend(config) if ds.requested() else AccelerateBackend(config)
         self.accelerator = self.backend.accelerator
         if config.gradient_checkpointing:
@@ -169,6 +173,17 @@ class JointTrainer:
         reporter = Reporter(config, accelerator, list(self.streams))
         reporter.start(self.step)
         self.model.train()
+        frozen_dtype = torch.bfloat16 if config.frozen_linears_in_bf16 else None
+        with frozen_linear_weights_in(self.unwrapped, frozen_dtype):
+            self._train_loop(config, reporter)
+        reporter.close()
+        self.save_checkpoint()
+        adapter_path = self.save_adapter(Path(config.output_dir) / "adapter.safetensors")
+        reporter.finish(self.history)
+        return TrainResult(self.step, self.history, self.skipped_steps, adapter_path, time.time() - start)
+
+    def _train_loop(self, config: TrainConfig, reporter: Reporter) -> None:
+        accelerator = self.accelerator
         while self.step < config.max_steps:
             stream = self.stream_for(self.step)
             tick = time.time()
@@ -187,11 +202,6 @@ class JointTrainer:
                 )
             if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < config.max_steps:
                 self.save_checkpoint()
-        reporter.close()
-        self.save_checkpoint()
-        adapter_path = self.save_adapter(Path(config.output_dir) / "adapter.safetensors")
-        reporter.finish(self.history)
-        return TrainResult(self.step, self.history, self.skipped_steps, adapter_path, time.time() - start)
 
     def _run_callbacks(self) -> None:
         """Each callback gets the trainer after `self.step` optimizer steps (on the main process; the others wait

@@ -48,13 +48,14 @@ def test_cpu_mfu_benchmark_measures_every_lever_against_the_ceiling(benchmarks, 
 
     bench = benchmarks("bench_cpu_mfu")
     models = {}
-    for attention in ("sdpa", "eager"):
+    for name, attention in (("sdpa", "sdpa"), ("eager", "eager"), ("frozen_bf16", "eager")):
         model = vlm_factory()
         model.language_model.set_attn_implementation(attention)
-        models[attention] = pv.apply(model, pv.AdaptionPromptConfig(length=4, layers=2), pv.BiasScaleConfig())
+        models[name] = pv.apply(model, pv.AdaptionPromptConfig(length=4, layers=2), pv.BiasScaleConfig())
     batch = models["sdpa"].tokenize(["<image> what colour?", "<image> what shape is it?"], [images[0], images[1]],
                                     answers=["red", "circle"])
     ceiling = bench.ceilings(batch["input_ids"].numel(), 64, 128)
-    rows, useful, seconds = bench.measure(models, batch, steps=1, warmup=0, ceiling=ceiling)
-    assert len(rows) == len(seconds) == 5 and useful > 0 and all(s > 0 for s in seconds.values())
+    with bench.frozen_linear_weights_in(models["frozen_bf16"], torch.bfloat16) as cast:
+        rows, useful, seconds = bench.measure(models, batch, steps=1, warmup=0, ceiling=ceiling)
+    assert cast > 0 and len(rows) == len(seconds) == 6 and useful > 0 and all(s > 0 for s in seconds.values())
     assert all(row[-1].endswith("%") for row in rows) and rows[0][3] == "1.00x"
