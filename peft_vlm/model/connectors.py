@@ -34,6 +34,9 @@ class Connector(nn.Module):
     def num_output_tokens(self, num_input_tokens: int) -> int:
         return num_input_tokens
 
+    def bind_language_model(self, language_model: nn.Module) -> None:
+        """Called once with the (frozen) language model the connector feeds; most connectors need nothing of it."""
+
 
 @register_connector("linear")
 class LinearConnector(Connector):
@@ -86,6 +89,46 @@ class Downsample2x2MlpConnector(Connector):
         # (images, rows, cols, width) in row-major patch order -> one row per 2x2 block: its 4 tokens side by side
         blocks = patches.reshape(images, half, 2, half, 2, width).permute(0, 1, 3, 2, 4, 5)
         return self.mlp(blocks.reshape(images, half * half, 4 * width))
+
+
+@register_connector("vocabulary")
+class VocabularyConnector(Connector):
+    """Visual tokens made of the language model's own words: each input token becomes `TOKENS_PER_INPUT` tokens,
+    each a softmax mixture of the frozen input embeddings (a two-layer GELU MLP gives the mixture's logits against
+    every word embedding). The language model then reads an image as it reads text, with the circuits it already
+    has for comparing words: a soft form of mapping images to the frozen LM's vocabulary (LQAE, arXiv 2302.00902;
+    SPAE, arXiv 2306.17842). With the caption given as text, the V2 adapters answer easy-VQA's yes/no questions
+    after 100 steps, which they do not learn from an `mlp2x_gelu` token (benchmarks/VISION_LEVERS.md).
+
+    The embeddings are the language model's (bound by `bind_language_model`, not a submodule): neither trained
+    nor saved with the connector."""
+
+    TOKENS_PER_INPUT = 2
+
+    def __init__(self, vision_width: int, hidden_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.mlp = nn.Sequential(nn.Linear(vision_width, hidden_size), nn.GELU(),
+                                 nn.Linear(hidden_size, self.TOKENS_PER_INPUT * hidden_size))
+        self._vocabulary: tuple[nn.Embedding, ...] = ()
+
+    def bind_language_model(self, language_model: nn.Module) -> None:
+        self._vocabulary = (language_model.get_input_embeddings(),)
+
+    def num_output_tokens(self, num_input_tokens: int) -> int:
+        return self.TOKENS_PER_INPUT * num_input_tokens
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        if not self._vocabulary:
+            raise ConfigError("connector 'vocabulary' needs bind_language_model(language_model) before use")
+        images, tokens, _ = patches.shape
+        queries = self.mlp(patches).reshape(images, tokens * self.TOKENS_PER_INPUT, self.hidden_size)
+        words = self._vocabulary[0].weight.to(queries.dtype)
+        # logits against the standardised embeddings, scaled as attention scores are: word embeddings are small
+        # (an rms of ~0.03 in SmolLM2), and raw dot products would leave the mixture uniform and barely moving
+        keys = words * torch.rsqrt(words.float().pow(2).mean() + 1e-12).to(words.dtype)
+        mixture = torch.softmax((queries @ keys.T).float() / math.sqrt(self.hidden_size), dim=-1)
+        return mixture.to(queries.dtype) @ words
 
 
 def _load_builtin_modules() -> None:

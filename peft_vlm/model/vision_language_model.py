@@ -92,6 +92,7 @@ class VisionLanguageModel(VisionLanguageModule):
         hidden_size = language_model.get_input_embeddings().embedding_dim
         self.connector = build_connector(connector, vision_tower.width, hidden_size)
         self.connector.to(self._lm_device())
+        self.connector.bind_language_model(language_model)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         state = state_of(self)

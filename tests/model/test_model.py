@@ -70,11 +70,38 @@ def test_vision_tower_and_language_model_are_frozen_connector_trains(vlm_factory
     assert all(p.requires_grad for p in model.connector.parameters())
 
 
-@pytest.mark.parametrize("connector", ["linear", "mlp2x_gelu"])
+@pytest.mark.parametrize("connector", ["linear", "mlp2x_gelu", "vocabulary"])
 def test_connectors_project_to_the_language_model_width(vlm_factory, images, connector):
     model = vlm_factory(connector=connector)
     visual = model.encode_images(torch.stack(images))
     assert visual.shape == (3, model.tokens_per_image, model.config.hidden_size)
+
+
+def test_vocabulary_connector_gives_mixtures_of_the_frozen_word_embeddings(vlm_factory, images, tmp_path):
+    model = vlm_factory(connector="vocabulary")
+    connector, words = model.connector, model.language_model.get_input_embeddings().weight
+    assert model.tokens_per_image == 2 * model.vision_tower.num_tokens
+    assert all(p is not words for p in connector.parameters())  # the embeddings are bound, not owned
+    with torch.no_grad():
+        patches = model.vision_tower(torch.stack(images))
+        queries = connector.mlp(patches).reshape(3, model.tokens_per_image, -1)
+        keys = words / words.pow(2).mean().sqrt()
+        mixture = torch.softmax(queries @ keys.T / queries.shape[-1] ** 0.5, -1)
+        visual = model.encode_images(torch.stack(images))
+    torch.testing.assert_close(visual, mixture @ words)
+    assert torch.allclose(mixture.sum(-1), torch.ones(())) and mixture.min() >= 0
+    # training moves the connector's MLP only; the adapter file holds no embedding matrix
+    batch = model.tokenize(["<image> colour?"], [images[0]], answers=["red"])
+    model(**batch).loss.backward()
+    assert connector.mlp[0].weight.grad is not None and words.grad is None
+    with torch.no_grad():
+        connector.mlp[2].weight.add_(torch.randn_like(connector.mlp[2].weight))  # a trained connector
+        trained = model.encode_images(torch.stack(images))
+    pv.save_adapter(model, tmp_path / "adapter")
+    reloaded = pv.load_adapter(vlm_factory(connector="vocabulary"), tmp_path / "adapter")
+    with torch.no_grad():
+        assert not torch.allclose(trained, visual)
+        torch.testing.assert_close(reloaded.encode_images(torch.stack(images)), trained)
 
 
 def test_placeholder_and_image_count_mismatch_is_a_clear_error(vlm_factory, images):
