@@ -10,7 +10,8 @@
     full:     overrides applied by `peft-vlm train RECIPE --full` (e.g. `train.max_steps: 1000`)
     stages:   optional list of {name, methods, data, train} run in order on the same model (LLaVA's two stages);
               each stage adds its methods and overrides data/train
-    eval:     {format, split/path, limit, grey_image, zero_shot, text_only_ceiling, verify_reload, batch_size, curve}
+    eval:     {format, split/path, limit, grey_image, zero_shot, text_only_ceiling, verify_reload, batch_size, curve,
+               max_new_tokens, answer_after}
               evaluated after training (verify_reload: load the saved adapter onto a freshly built base and answer
               the first N questions again, or all with `true`; zero_shot: the untouched model, all or the first N;
               curve: {every, per_type}: accuracy against steps,
@@ -117,6 +118,8 @@ class EvalSection:
     verify_reload: bool | int = False  # true: every question; N: the first N
     batch_size: int | None = None
     curve: dict | None = None  # {every: N, per_type: M}: accuracy against steps, accuracy_curve.png
+    max_new_tokens: int | None = None  # generated tokens per answer (8)
+    answer_after: str | None = None  # score what follows this marker (answers trained as "description. Answer: x")
 
 
 @dataclass
@@ -384,7 +387,8 @@ def accuracy_curve(model, evaluation: "Evaluation", output_dir: str) -> list:
     from peft_vlm.evaluation.curve import AccuracyCurve, evenly_by_type
 
     sample = evenly_by_type(evaluation.questions, int(curve.get("per_type", 40)))
-    tracker = AccuracyCurve(sample, int(curve["every"]), output_dir, batch_size=evaluation.batch_size)
+    tracker = AccuracyCurve(sample, int(curve["every"]), output_dir, batch_size=evaluation.batch_size,
+                            **evaluation.answer_options)
     with evaluation.precision():
         tracker.measure(model, 0)
 
@@ -403,12 +407,15 @@ class Evaluation:
         self.questions = evaluation_questions(self.spec) if self.spec else []
         self.precision = evaluation_precision((recipe.get("train") or {}).get("mixed_precision"))
         self.batch_size = int(self.spec.get("batch_size", 16))
+        self.answer_options = {key: self.spec[key] for key in ("max_new_tokens", "answer_after")
+                               if self.spec.get(key) is not None}
 
     def answer(self, model, count: bool | int = True, **options):
         from peft_vlm.evaluation import vqa
 
         with self.precision():
-            return vqa.vqa_accuracy(model, first(self.questions, count), batch_size=self.batch_size, **options)
+            return vqa.vqa_accuracy(model, first(self.questions, count), batch_size=self.batch_size,
+                                    **{**self.answer_options, **options})
 
 
 def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
@@ -429,7 +436,8 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
     model.resize = (stages(recipe)[0]["data"] or {}).get("resize") or model.resize  # the zero-shot run sees it too
     evaluation = Evaluation(recipe)
     if evaluation.questions and evaluation.spec.get("zero_shot"):
-        figures["zero_shot"] = evaluation.answer(model, evaluation.spec["zero_shot"], progress=True)
+        # the untouched model was never taught to describe first: its plain answers are scored
+        figures["zero_shot"] = evaluation.answer(model, evaluation.spec["zero_shot"], progress=True, answer_after=None)
         log(f"zero-shot (untouched model): {figures['zero_shot']}")
     trainer, result = train_stages(model, recipe, evaluation, log)
     if not trainer.accelerator.is_main_process:

@@ -28,6 +28,7 @@ COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
 QUESTION_TYPES = ("color", "shape", "yes/no")
 SPLITS = ("train", "test")
+ANSWER_MARKER = "Answer:"  # what separates the description from the answer with describe_first
 
 
 class Question(NamedTuple):
@@ -64,7 +65,7 @@ def question_type(question: str) -> str:
 
 
 def instruction_samples(split: str, limit: int | None = None, type_weights: dict[str, float] | None = None,
-                        seed: int = 0, balance_yes_no: bool = False) -> SampleList:
+                        seed: int = 0, balance_yes_no: bool = False, describe_first: bool = False) -> SampleList:
     """One sample per question (the first `limit`). `type_weights` maps a question type to how many copies of each
     of its questions to keep: 0.25 keeps a seeded quarter, 2 doubles them, 1.5 doubles a seeded half; types not
     named keep weight 1. Three in four questions are yes/no and say little about the image, so a short run learns
@@ -72,7 +73,13 @@ def instruction_samples(split: str, limit: int | None = None, type_weights: dict
 
     `balance_yes_no` resamples the yes/no questions so that each question text is answered "yes" as often as "no"
     (the text's count kept): the text alone then says nothing (text-only accuracy 50% instead of 82.5% on the
-    unbalanced data), so the answer has to come from the image."""
+    unbalanced data), so the answer has to come from the image.
+
+    `describe_first` makes every answer say what the image shows before the answer: "A red circle. Answer: no"
+    (ANSWER_MARKER; evaluate with `answer_after`), so that a yes/no question is answered with the model's own
+    description of the image in its context, words the frozen model compares well (benchmarks/VISION_LEVERS.md).
+    The description says what the image's questions decide ("A red shape." when they leave the shape open); the
+    0.4% of questions on images that they leave wholly open are left out."""
     weights = dict(type_weights or {})
     unknown = sorted(set(weights) - set(QUESTION_TYPES))
     if unknown or any(w < 0 for w in weights.values()):
@@ -81,12 +88,18 @@ def instruction_samples(split: str, limit: int | None = None, type_weights: dict
     draw = random.Random(seed)
     chosen = questions(split)[:limit]
     balance = _answer_balance(chosen) if balance_yes_no else {}
+    described = annotations(split) if describe_first else {}
     samples = []
     for number, q in enumerate(chosen, start=1):
+        answer = q.answer
+        if describe_first:
+            if (description := describe(*described[q.image_id])) is None:
+                continue
+            answer = f"{description} {ANSWER_MARKER} {q.answer}"
         weight = weights.get(question_type(q.text), 1.0) * balance.get((q.text, q.answer), 1.0)
         copies = int(weight) + (draw.random() < weight - int(weight))
         samples += [{"messages": [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{q.text}"},
-                                  {"role": "assistant", "content": q.answer}],
+                                  {"role": "assistant", "content": answer}],
                      "images": [q.image], "source": f"easy-vqa {split}:question {number}"}] * copies
     return SampleList(samples)
 
@@ -128,11 +141,18 @@ def _attributes_named(text: str) -> tuple[frozenset, bool]:
     return frozenset(words & {*COLORS, *SHAPES}), bool(words & {"not", "no"})
 
 
+def describe(color: str | None, shape: str | None) -> str | None:
+    """"A red circle.", "A red shape." or "A circle." (None when neither is known): the caption's words."""
+    if shape is None:
+        return f"A {color} shape." if color else None
+    return f"A {color} {shape}." if color else f"A {shape}."
+
+
 def caption_samples(split: str) -> SampleList:
     """"A red circle." for every image whose color and shape its questions decide."""
     paths = getattr(_easy_vqa(), f"get_{split}_image_paths")()
     samples = [
-        caption_messages(paths[image_id], f"A {color} {shape}.", f"easy-vqa {split}:image {image_id}")
+        caption_messages(paths[image_id], describe(color, shape), f"easy-vqa {split}:image {image_id}")
         for image_id, (color, shape) in annotations(split).items() if color and shape
     ]
     return SampleList(samples)

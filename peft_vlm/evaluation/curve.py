@@ -30,8 +30,10 @@ class AccuracyCurve:
     """`vqa_accuracy` on `questions` (real and grey image) every `every` steps and after the last one; `measure`
     adds a point by hand (e.g. step 0, before training)."""
 
-    def __init__(self, questions: Sequence[Question], every: int, output_dir: str | Path, batch_size: int = 32):
+    def __init__(self, questions: Sequence[Question], every: int, output_dir: str | Path, batch_size: int = 32,
+                 **answer_options):
         self.questions, self.every, self.batch_size = list(questions), every, batch_size
+        self.answer_options = answer_options  # vqa_accuracy's max_new_tokens, answer_after
         self.output_dir = Path(output_dir)
         self.points: list[dict] = []  # {"step", "image": "real"/"grey", kind: accuracy, ...}
 
@@ -42,7 +44,8 @@ class AccuracyCurve:
 
     def measure(self, model, step: int) -> None:
         for image, replace in (("real", None), ("grey", grey_image(model))):
-            accuracy = vqa_accuracy(model, self.questions, batch_size=self.batch_size, replace_image=replace)
+            accuracy = vqa_accuracy(model, self.questions, batch_size=self.batch_size, replace_image=replace,
+                                    **self.answer_options)
             self.points.append({"step": step, "image": image, **accuracy.as_dict()})
         self.write()
 

@@ -49,8 +49,12 @@ class Accuracy:
     total: Counter = field(default_factory=Counter)
     examples: list[tuple[str, str, str]] = field(default_factory=list)  # (question, expected, answered)
 
-    def add(self, kind: str, expected: str, answered: str, question: str) -> None:
-        hit = normalize_answer(answered) == normalize_answer(expected)
+    def add(self, kind: str, expected: str, answered: str, question: str, answer_after: str | None = None) -> None:
+        """`answer_after`: the answer is what follows the last occurrence of this marker (none: no answer)."""
+        answer = answered
+        if answer_after:
+            answer = answered.rsplit(answer_after, 1)[1] if answer_after in answered else ""
+        hit = normalize_answer(answer) == normalize_answer(expected)
         for key in ("all", kind):
             self.total[key] += 1
             self.correct[key] += hit
@@ -74,8 +78,10 @@ def vqa_accuracy(
     max_new_tokens: int = 8,
     replace_image: Image.Image | None = None,
     progress: bool = False,
+    answer_after: str | None = None,
 ) -> Accuracy:
-    """Greedy answers to every question; `replace_image` (e.g. `grey_image(model)`) stands in for every real image."""
+    """Greedy answers to every question; `replace_image` (e.g. `grey_image(model)`) stands in for every real image;
+    `answer_after` scores what follows that marker in the generation (a model trained to describe, then answer)."""
     model.eval()
     accuracy = Accuracy()
     batches = range(0, len(questions), batch_size)
@@ -88,7 +94,7 @@ def vqa_accuracy(
         images = [None if q.image is None else (replace_image or q.image) for q in chunk]  # paths open in generate
         answers = model.generate(images=images, prompts=[q.question for q in chunk], max_new_tokens=max_new_tokens)
         for q, answer in zip(chunk, answers):
-            accuracy.add(q.kind, q.answer, answer, q.question)
+            accuracy.add(q.kind, q.answer, answer, q.question, answer_after)
     return accuracy
 
 

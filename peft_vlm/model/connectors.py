@@ -110,6 +110,10 @@ class VocabularyConnector(Connector):
         self.hidden_size = hidden_size
         self.mlp = nn.Sequential(nn.Linear(vision_width, hidden_size), nn.GELU(),
                                  nn.Linear(hidden_size, self.TOKENS_PER_INPUT * hidden_size))
+        self.norm = nn.LayerNorm(hidden_size)
+        # softmax temperature (learned, as CLIP's): at 4 a mixture starts spread over a few hundred words, where
+        # its gradients are large; unscaled dot products start uniform over the vocabulary and barely move
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(4.0)))
         self._vocabulary: tuple[nn.Embedding, ...] = ()
 
     def bind_language_model(self, language_model: nn.Module) -> None:
@@ -124,10 +128,10 @@ class VocabularyConnector(Connector):
         images, tokens, _ = patches.shape
         queries = self.mlp(patches).reshape(images, tokens * self.TOKENS_PER_INPUT, self.hidden_size)
         words = self._vocabulary[0].weight.to(queries.dtype)
-        # logits against the standardised embeddings, scaled as attention scores are: word embeddings are small
-        # (an rms of ~0.03 in SmolLM2), and raw dot products would leave the mixture uniform and barely moving
+        # cosine similarity of each (normalised) query with each standardised word embedding, times the scale
         keys = words * torch.rsqrt(words.float().pow(2).mean() + 1e-12).to(words.dtype)
-        mixture = torch.softmax((queries @ keys.T).float() / math.sqrt(self.hidden_size), dim=-1)
+        similarity = (self.norm(queries) @ keys.T).float() / math.sqrt(self.hidden_size)
+        mixture = torch.softmax(similarity * self.logit_scale.exp(), dim=-1)
         return mixture.to(queries.dtype) @ words
 
 

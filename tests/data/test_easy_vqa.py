@@ -80,3 +80,25 @@ def test_type_weights_resample_question_types_reproducibly():
     assert [s["source"] for s in again.samples] == [s["source"] for s in weighted.samples]
     with pytest.raises(ev.ConfigError):
         ev.instruction_samples("test", limit=4, type_weights={"colour": 2})
+
+
+def test_describe_first_answers_describe_the_image_then_give_the_answer_it_implies():
+    notes, plain = ev.annotations("test"), ev.questions("test")[:600]
+    samples = ev.instruction_samples("test", limit=600, describe_first=True).samples
+    undecided = [q for q in plain if notes[q.image_id] == (None, None)]
+    assert len(samples) == len(plain) - len(undecided)
+    checked = 0
+    for sample, q in zip(samples, [q for q in plain if q not in undecided]):
+        description, answer = sample["messages"][1]["content"].split(f" {ev.ANSWER_MARKER} ")
+        assert answer == q.answer and description == ev.describe(*notes[q.image_id])
+        if ev.question_type(q.text) != "yes/no":
+            continue
+        named, negated = ev._attributes_named(q.text)
+        (attribute,) = named - {"shape"}
+        color, shape = notes[q.image_id]
+        if (color if attribute in ev.COLORS else shape) is not None:  # the description alone answers the question
+            present = attribute in description.lower().rstrip(".").split()
+            assert answer == ("yes" if present != negated else "no"), (q.text, description, answer)
+            checked += 1
+    assert checked > 100
+    assert ev.describe(None, "circle") == "A circle." and ev.describe("red", None) == "A red shape."

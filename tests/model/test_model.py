@@ -86,7 +86,8 @@ def test_vocabulary_connector_gives_mixtures_of_the_frozen_word_embeddings(vlm_f
         patches = model.vision_tower(torch.stack(images))
         queries = connector.mlp(patches).reshape(3, model.tokens_per_image, -1)
         keys = words / words.pow(2).mean().sqrt()
-        mixture = torch.softmax(queries @ keys.T / queries.shape[-1] ** 0.5, -1)
+        similarity = connector.norm(queries) @ keys.T / queries.shape[-1] ** 0.5
+        mixture = torch.softmax(similarity * connector.logit_scale.exp(), -1)
         visual = model.encode_images(torch.stack(images))
     torch.testing.assert_close(visual, mixture @ words)
     assert torch.allclose(mixture.sum(-1), torch.ones(())) and mixture.min() >= 0
