@@ -11,7 +11,7 @@
     stages:   optional list of {name, methods, data, train} run in order on the same model (LLaVA's two stages);
               each stage adds its methods and overrides data/train
     eval:     {format, split/path, limit, grey_image, zero_shot, text_only_ceiling, verify_reload, batch_size, curve,
-               max_new_tokens, answer_after}
+               max_new_tokens, answer_after, describe_first}
               evaluated after training (verify_reload: load the saved adapter onto a freshly built base and answer
               the first N questions again, or all with `true`; zero_shot: the untouched model, all or the first N;
               curve: {every, per_type}: accuracy against steps,
@@ -119,7 +119,8 @@ class EvalSection:
     batch_size: int | None = None
     curve: dict | None = None  # {every: N, per_type: M}: accuracy against steps, accuracy_curve.png
     max_new_tokens: int | None = None  # generated tokens per answer (8)
-    answer_after: str | None = None  # score what follows this marker (answers trained as "description. Answer: x")
+    answer_after: str | None = None  # score what follows this marker in the generation
+    describe_first: bool = False  # two passes: the model describes the image, then answers after its description
 
 
 @dataclass
@@ -407,7 +408,7 @@ class Evaluation:
         self.questions = evaluation_questions(self.spec) if self.spec else []
         self.precision = evaluation_precision((recipe.get("train") or {}).get("mixed_precision"))
         self.batch_size = int(self.spec.get("batch_size", 16))
-        self.answer_options = {key: self.spec[key] for key in ("max_new_tokens", "answer_after")
+        self.answer_options = {key: self.spec[key] for key in ("max_new_tokens", "answer_after", "describe_first")
                                if self.spec.get(key) is not None}
 
     def answer(self, model, count: bool | int = True, **options):
@@ -437,7 +438,8 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
     evaluation = Evaluation(recipe)
     if evaluation.questions and evaluation.spec.get("zero_shot"):
         # the untouched model was never taught to describe first: its plain answers are scored
-        figures["zero_shot"] = evaluation.answer(model, evaluation.spec["zero_shot"], progress=True, answer_after=None)
+        figures["zero_shot"] = evaluation.answer(model, evaluation.spec["zero_shot"], progress=True, answer_after=None,
+                                                 describe_first=False)
         log(f"zero-shot (untouched model): {figures['zero_shot']}")
     trainer, result = train_stages(model, recipe, evaluation, log)
     if not trainer.accelerator.is_main_process:

@@ -22,13 +22,12 @@ from typing import NamedTuple
 
 from peft_vlm.data.formats import SampleList, caption_messages
 from peft_vlm.errors import ConfigError
-from peft_vlm.data.prompting import IMAGE_PLACEHOLDER
+from peft_vlm.data.prompting import IMAGE_PLACEHOLDER, described_question
 
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
 QUESTION_TYPES = ("color", "shape", "yes/no")
 SPLITS = ("train", "test")
-ANSWER_MARKER = "Answer:"  # what separates the description from the answer with describe_first
 
 
 class Question(NamedTuple):
@@ -75,11 +74,11 @@ def instruction_samples(split: str, limit: int | None = None, type_weights: dict
     (the text's count kept): the text alone then says nothing (text-only accuracy 50% instead of 82.5% on the
     unbalanced data), so the answer has to come from the image.
 
-    `describe_first` makes every answer say what the image shows before the answer: "A red circle. Answer: no"
-    (ANSWER_MARKER; evaluate with `answer_after`), so that a yes/no question is answered with the model's own
-    description of the image in its context, words the frozen model compares well (benchmarks/VISION_LEVERS.md).
-    The description says what the image's questions decide ("A red shape." when they leave the shape open); the
-    0.4% of questions on images that they leave wholly open are left out."""
+    `describe_first` gives the true description of the image as text before every question (`described_question`:
+    "The image shows a red circle. is there ..."), to train describe-then-answer: evaluate with `eval.describe_first`,
+    where the model's own description of the image takes its place. The description says what the image's questions
+    decide ("A red shape." when they leave the shape open); the 0.4% of questions on images that they leave wholly
+    open are left out."""
     weights = dict(type_weights or {})
     unknown = sorted(set(weights) - set(QUESTION_TYPES))
     if unknown or any(w < 0 for w in weights.values()):
@@ -91,15 +90,15 @@ def instruction_samples(split: str, limit: int | None = None, type_weights: dict
     described = annotations(split) if describe_first else {}
     samples = []
     for number, q in enumerate(chosen, start=1):
-        answer = q.answer
+        text = q.text
         if describe_first:
             if (description := describe(*described[q.image_id])) is None:
                 continue
-            answer = f"{description} {ANSWER_MARKER} {q.answer}"
+            text = described_question(description, q.text)
         weight = weights.get(question_type(q.text), 1.0) * balance.get((q.text, q.answer), 1.0)
         copies = int(weight) + (draw.random() < weight - int(weight))
-        samples += [{"messages": [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{q.text}"},
-                                  {"role": "assistant", "content": answer}],
+        samples += [{"messages": [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{text}"},
+                                  {"role": "assistant", "content": q.answer}],
                      "images": [q.image], "source": f"easy-vqa {split}:question {number}"}] * copies
     return SampleList(samples)
 

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from peft_vlm.data.report import Skipped
-from peft_vlm.data.prompting import IMAGE_PLACEHOLDER
+from peft_vlm.data.formats import CAPTION_PROMPT
+from peft_vlm.data.prompting import IMAGE_PLACEHOLDER, described_question
 
 ARTICLES = {"a", "an", "the"}
 GREY = (128, 128, 128)  # neutral: a black image is unlike anything in training and makes models babble
@@ -79,9 +80,12 @@ def vqa_accuracy(
     replace_image: Image.Image | None = None,
     progress: bool = False,
     answer_after: str | None = None,
+    describe_first: bool = False,
 ) -> Accuracy:
     """Greedy answers to every question; `replace_image` (e.g. `grey_image(model)`) stands in for every real image;
-    `answer_after` scores what follows that marker in the generation (a model trained to describe, then answer)."""
+    `answer_after` scores what follows that marker in the generation (a model trained to reason, then answer);
+    `describe_first` answers in two passes: the model describes the image (CAPTION_PROMPT), then answers the
+    question with its description before it as text (`described_question`, as easy-VQA's `describe_first` trains)."""
     model.eval()
     accuracy = Accuracy()
     batches = range(0, len(questions), batch_size)
@@ -92,7 +96,11 @@ def vqa_accuracy(
     for start in batches:
         chunk = questions[start : start + batch_size]
         images = [None if q.image is None else (replace_image or q.image) for q in chunk]  # paths open in generate
-        answers = model.generate(images=images, prompts=[q.question for q in chunk], max_new_tokens=max_new_tokens)
+        prompts = [q.question for q in chunk]
+        if describe_first:
+            descriptions = model.generate(images=images, prompts=[CAPTION_PROMPT] * len(chunk), max_new_tokens=12)
+            prompts = [described_question(d, p) for d, p in zip(descriptions, prompts)]
+        answers = model.generate(images=images, prompts=prompts, max_new_tokens=max_new_tokens)
         for q, answer in zip(chunk, answers):
             accuracy.add(q.kind, q.answer, answer, q.question, answer_after)
     return accuracy

@@ -1,5 +1,7 @@
 """VQA scoring: normalised exact match, and the answer after a marker for models that describe first."""
-from peft_vlm.evaluation.vqa import Accuracy
+from peft_vlm.data.formats import CAPTION_PROMPT
+from peft_vlm.data.prompting import described_question
+from peft_vlm.evaluation.vqa import Accuracy, Question, vqa_accuracy
 
 
 def test_answer_after_a_marker_scores_only_what_follows_it():
@@ -18,3 +20,31 @@ def test_without_a_marker_the_whole_normalised_answer_is_compared():
     accuracy.add("color", "red", "Red.", "q")
     accuracy.add("color", "red", "A red circle. Answer: red", "q")
     assert accuracy["color"] == 0.5
+
+
+class Describer:
+    """A stand-in model: describes every image as a red circle, answers "yes" iff its prompt holds that description."""
+
+    def __init__(self):
+        self.prompts = []
+
+    def eval(self):
+        return self
+
+    def generate(self, images, prompts, max_new_tokens):
+        self.prompts.append(list(prompts))
+        return ["A red circle." if p == CAPTION_PROMPT else ("yes" if "shows a red circle" in p else "no")
+                for p in prompts]
+
+
+def test_describe_first_answers_after_the_models_own_description():
+    questions = [Question("is there a red shape?", "yes", "a.png", "yes/no"),
+                 Question("is there a blue shape?", "no", "b.png", "yes/no")]
+    model = Describer()
+    plain = vqa_accuracy(model, questions)
+    assert model.prompts == [["is there a red shape?", "is there a blue shape?"]] and plain["yes/no"] == 0.5
+    model.prompts.clear()
+    described = vqa_accuracy(model, questions, describe_first=True)
+    assert model.prompts == [[CAPTION_PROMPT] * 2, [described_question("A red circle.", q.question) for q in questions]]
+    assert model.prompts[1][0] == "The image shows a red circle. is there a red shape?"
+    assert described["yes/no"] == 0.5  # "yes" to both: the stand-in ignores the question, the scoring does not
