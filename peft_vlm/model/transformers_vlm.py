@@ -214,8 +214,10 @@ class TransformersVLM(VisionLanguageModule):
         return dict(full)
 
     def _process(self, texts: list[str], images: list, **options) -> dict:
-        if images:
-            options["images"] = images
+        from peft_vlm.data.images import load_image
+
+        if images:  # paths (a data file's, an evaluation's) open here; a missing file is a DataError naming it
+            options["images"] = [load_image(image, "image") for image in images]
         try:
             return self.processor(text=texts, padding=True, return_tensors="pt", **options)
         except (ValueError, TypeError) as error:
