@@ -131,7 +131,7 @@ def _eval(arguments: argparse.Namespace) -> None:
     figures = {"recipe": f"eval {arguments.adapter}"}
     questions = evaluation_questions(spec)
     figures["accuracy"] = vqa.vqa_accuracy(model, questions, progress=True)
-    if arguments.grey_image:
+    if arguments.grey_image or spec.get("grey_image"):
         figures["grey_image"] = vqa.vqa_accuracy(model, questions, replace_image=vqa.grey_image(model))
     print(format_figures(figures))
     if arguments.perplexity:

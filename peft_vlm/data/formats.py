@@ -5,6 +5,7 @@
 
 - LLaVA conversations (JSON array or JSONL): `{"image": "a.jpg", "conversations": [{"from": "human", "value":
   "<image>\\nWhat is this?"}, {"from": "gpt", "value": "A cat."}]}`; `image` may be a list or absent.
+  An optional `"type"` (a string) is the question type evaluation reports accuracy by.
 - Captions (JSONL or JSON array of `{"image", "caption"}`), or a COCO captions file (`images` + `annotations`).
   A caption becomes the answer to `caption_prompt`.
 - Alpaca-style text instructions: `{"instruction", "input" (optional), "output"}`.
@@ -116,7 +117,13 @@ def llava_sample(record: Any, source: str, image_root: Path) -> dict:
         messages.append({"role": LLAVA_ROLES[speaker], "content": value})
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise DataError(source, NO_ANSWER, "no non-empty 'gpt' turn")
-    return {"messages": messages, "images": images, "source": source}
+    sample = {"messages": messages, "images": images, "source": source}
+    kind = record.get("type")  # an optional question type: evaluation reports accuracy per type
+    if kind is not None:
+        if not isinstance(kind, str):
+            raise DataError(source, WRONG_SCHEMA, "field 'type' (the question type) must be a string")
+        sample["kind"] = kind
+    return sample
 
 
 def caption_sample(record: Any, source: str, image_root: Path, prompt: str = CAPTION_PROMPT) -> dict:

@@ -40,7 +40,7 @@ class Question:
         """A single-turn sample as the data readers give it (user turn with the question, assistant with the answer)."""
         question = sample["messages"][0]["content"].replace(IMAGE_PLACEHOLDER, "").strip()
         images = sample.get("images") or [None]
-        kind = kind_of(question) if kind_of else "all"
+        kind = sample.get("kind") or (kind_of(question) if kind_of else "all")
         return cls(question, sample["messages"][1]["content"], images[0], kind, sample.get("source", ""))
 
 
@@ -107,7 +107,11 @@ def vqa_accuracy(
 
 
 def grey_image(model) -> Image.Image:
-    return Image.new("RGB", tuple(model.vision_tower.image_size), GREY)
+    """A grey image at the tower's input size; a wrapped transformers VLM's processor resizes whatever it gets, so
+    there the vision config's image size (or 224 where it has none, as Qwen2-VL's dynamic resolution) will do."""
+    tower = model.vision_tower
+    size = getattr(tower, "image_size", None) or getattr(getattr(tower, "config", None), "image_size", None) or 224
+    return Image.new("RGB", (size, size) if isinstance(size, int) else tuple(size), GREY)
 
 
 @torch.no_grad()

@@ -35,6 +35,8 @@ class Family:
     # PaliGemma's processor places the image tokens itself and takes the answers as `suffix=` (its prefix-LM attends
     # bidirectionally to the prompt, causally to the answer, told apart by the token_type_ids it returns)
     suffix_answers: bool = False
+    # several images and several turns per sample, placed where the conversation's `<image>` placeholders are
+    conversations: bool = True
 
 
 FAMILIES = {
@@ -45,7 +47,7 @@ FAMILIES = {
     "qwen2_5_vl": Family("model.language_model", "model.visual", ("model.visual.merger",)),
     "idefics3": Family("model.text_model", "model.vision_model", ("model.connector",)),
     "paligemma": Family("model.language_model", "model.vision_tower", ("model.multi_modal_projector",),
-                        suffix_answers=True),
+                        suffix_answers=True, conversations=False),
 }
 
 # Methods that need what only a model built here has, and why (the check runs before the model is touched).
@@ -213,9 +215,44 @@ class TransformersVLM(VisionLanguageModule):
         full["labels"] = labels
         return dict(full)
 
+    def tokenize_conversation(self, messages: list[dict], images: list) -> dict[str, torch.Tensor] | None:
+        """One conversation (user / assistant turns, `<image>` placeholders where its images go) through the
+        processor's chat template; labels cover every assistant turn and the template's end of that turn. None
+        when a turn's tokens are not a prefix of the whole conversation's (the labels would be misplaced)."""
+        from peft_vlm.data.prompting import IMAGE_PLACEHOLDER
+
+        def content(text: str) -> list[dict]:
+            parts = []
+            for index, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+                parts += [{"type": "image"}] * bool(index) + ([{"type": "text", "text": piece.strip()}]
+                                                               if piece.strip() else [])
+            return parts
+
+        chat = [{"role": m["role"], "content": content(m["content"])} for m in messages]
+        counts = [sum(part["type"] == "image" for m in chat[:end] for part in m["content"]) for end in
+                  range(len(chat) + 1)]
+
+        def ids(end: int, generation: bool) -> torch.Tensor:
+            text = self.processor.apply_chat_template(chat[:end], add_generation_prompt=generation)
+            return self._process([text], images[: counts[end]])["input_ids"][0]
+
+        full = dict(self._process([self.processor.apply_chat_template(chat)], images))
+        whole = full["input_ids"][0]
+        labels = torch.full_like(full["input_ids"], IGNORE_INDEX)
+        for turn, message in enumerate(chat):
+            if message["role"] == "assistant":
+                start, end = ids(turn, True), ids(turn + 1, False)
+                if not (torch.equal(whole[: len(start)], start) and torch.equal(whole[: len(end)], end)):
+                    return None
+                labels[0, len(start): len(end)] = whole[len(start): len(end)]
+        full["labels"] = labels
+        return full
+
     def _process(self, texts: list[str], images: list, **options) -> dict:
-        if images:
-            options["images"] = images
+        from peft_vlm.data.images import load_image
+
+        if images:  # paths (a data file's, an evaluation's) open here; a missing file is a DataError naming it
+            options["images"] = [load_image(image, "image") for image in images]
         try:
             return self.processor(text=texts, padding=True, return_tensors="pt", **options)
         except (ValueError, TypeError) as error:
@@ -279,8 +316,9 @@ TOKEN_INPUTS = {"mm_token_type_ids": 0, "token_type_ids": 0}
 class ProcessorSampleEncoder:
     """Samples `{"messages", "images", "source"}` -> one example of the wrapped model's processor outputs.
 
-    A sample is one question and its answer (a user turn, then an assistant turn); bad rows are `DataError`s naming
-    their file and row, as with models built here."""
+    A sample is one question and its answer (a user turn, then an assistant turn), or, where the architecture takes
+    them (not PaliGemma), a conversation of several turns and images through the processor's chat template, the
+    labels on every assistant turn. Bad rows are `DataError`s naming their file and row, as with models built here."""
 
     def __init__(self, model: TransformersVLM, max_length: int | None = None):
         self.model = model
@@ -294,6 +332,21 @@ class ProcessorSampleEncoder:
 
         source = str(sample.get("source", "sample"))
         messages = [m for m in _checked_messages(sample, source) if m["role"] != "system"]
+        roles = [m["role"] for m in messages]
+        images = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+        if roles != ["user", "assistant"] or images > 1:
+            if not self.model.family.conversations:
+                raise ConfigError(
+                    f"{source}: {self.model.architecture} takes one image and one user turn with its answer per "
+                    f"sample (its processor puts the image tokens before a single prompt); this sample has "
+                    f"{images} images and turns {roles}")
+            if roles != ["user", "assistant"] * (len(roles) // 2) or not roles:
+                raise DataError(source, WRONG_SCHEMA, "a conversation alternates user and assistant turns, starting "
+                                                      f"with the user and ending with an answer; this one has {roles}")
+            if not (self.model.use_chat_template and getattr(self.model.processor, "chat_template", None)):
+                raise DataError(source, WRONG_SCHEMA, "several turns or images need the processor's chat template "
+                                                      "(use_chat_template is off or the processor has none)")
+            return {"messages": messages, "images": images, "source": source}
         if [m["role"] for m in messages] != ["user", "assistant"]:
             raise DataError(source, WRONG_SCHEMA, "a wrapped transformers VLM trains on one user turn and one answer "
                                                   f"per sample; this one has turns {[m['role'] for m in messages]}")
@@ -310,11 +363,24 @@ class ProcessorSampleEncoder:
         text = self.encode_text(sample)
         source = text["source"]
         images = [load_image(image, source) for image in list(sample.get("images") or [])[: text["images"]]]
+        if "messages" in text:
+            return self._conversation(text["messages"], images, source)
         example = self.model.tokenize([text["prompt"]], images=[images], answers=[text["answer"]])
         labelled = example["labels"][0]
         decoded = self.model.tokenizer.decode(labelled[labelled != IGNORE_INDEX], skip_special_tokens=True)
         if " ".join(text["answer"].split()) not in " ".join(decoded.split()):
             raise DataError(source, MISALIGNED, f"labelled tokens decode to {decoded!r}, expected {text['answer']!r}")
+        if self.max_length is not None and example["input_ids"].shape[1] > self.max_length:
+            raise DataError(source, TOO_LONG, f"{example['input_ids'].shape[1]} tokens, max_length={self.max_length}")
+        return {**example, "source": source, "truncated": False}
+
+    def _conversation(self, messages: list[dict], images: list, source: str) -> dict:
+        from peft_vlm.data.report import MISALIGNED, TOO_LONG
+        from peft_vlm.errors import DataError
+
+        example = self.model.tokenize_conversation(messages, images)
+        if example is None:
+            raise DataError(source, MISALIGNED, "a turn's tokens are not a prefix of the whole conversation's")
         if self.max_length is not None and example["input_ids"].shape[1] > self.max_length:
             raise DataError(source, TOO_LONG, f"{example['input_ids'].shape[1]} tokens, max_length={self.max_length}")
         return {**example, "source": source, "truncated": False}

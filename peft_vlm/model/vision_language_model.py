@@ -154,7 +154,7 @@ class VisionLanguageModel(VisionLanguageModule):
         tower = self.vision_tower
         spec = {
             "language_model": getattr(self.language_model, "name_or_path", None),
-            "vision": tower.description.get("open_clip"),
+            "vision": getattr(tower, "source", None) or tower.description.get("open_clip"),
             "vision_pretrained": getattr(tower, "pretrained", None),
             "connector": self.connector_name,
             "load_in_4bit": bool(getattr(self.language_model, "is_loaded_in_4bit", False)),

@@ -230,6 +230,7 @@ class TransformersVisionTower(VisionTower):
         self.description = {"transformers": self.model.config.model_type, "feature_layer": feature_layer,
                             "image_size": list(self.image_size), "hidden_size": self.width}
         self.rebuild_options = {"feature_layer": feature_layer} if feature_layer != -2 else {}
+        self.source = TRANSFORMERS_PREFIX + str(path)  # how a recipe names it (kept out of the base fingerprint)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         hidden = self.model(pixel_values, output_hidden_states=True).hidden_states[self.feature_layer]

@@ -201,3 +201,39 @@ def test_a_connector_llava_has_no_form_for_is_refused(tmp_path):
     model = built_here(tmp_path, connector="downsample2x2_mlp")
     with pytest.raises(pv.ConfigError, match="connector 'downsample2x2_mlp'"):
         pv.export_transformers(model, tmp_path / "out")
+
+
+def test_cli_export_of_a_model_built_here_from_its_adapter_reloads_in_plain_transformers(tmp_path):
+    """`peft-vlm export` rebuilds the base (LM folder + transformers tower folder) from the adapter file alone."""
+    from conftest import make_lm, make_tokenizer
+    from peft_vlm.cli import main
+    from peft_vlm.data.prompting import IMAGE_TOKEN_ID, format_chat, with_placeholders
+    from tiny_transformers_vlms import save_tiny_tower
+
+    make_lm("llama").save_pretrained(tmp_path / "lm")
+    make_tokenizer().save_pretrained(tmp_path / "lm")
+    tower = save_tiny_tower("clip", tmp_path / "clip")
+    model = pv.VisionLanguageModel.from_pretrained(str(tmp_path / "lm"), vision=f"transformers:{tower}").eval()
+    pv.apply(model, pv.BiasScaleConfig(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    train_built(model)
+    pv.save_adapter(model, tmp_path / "adapter")
+    del model  # the CLI builds its own base
+    assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "exported")]) == 0
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert config["architectures"] == ["LlavaForConditionalGeneration"]
+
+    fresh = pv.load_adapter(
+        pv.VisionLanguageModel.from_pretrained(str(tmp_path / "lm"), vision=f"transformers:{tower}").eval(),
+        tmp_path / "adapter")
+    texts = [format_chat(fresh.tokenizer, with_placeholders(p, 1), True) for p in PROMPTS]
+    reloaded = reload_in_plain_transformers(tmp_path / "exported", texts, tmp_path)
+    inputs = fresh.tokenize(PROMPTS, images=[[p] for p in pictures(2)])
+    ids = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_TOKEN_ID,
+                                          config.get("image_token_id", config.get("image_token_index")))
+    assert torch.equal(reloaded["input_ids"], ids)
+    with torch.no_grad():
+        expected = fresh(**inputs).logits
+        untrained = pv.VisionLanguageModel.from_pretrained(str(tmp_path / "lm"), vision=f"transformers:{tower}")
+        assert not torch.allclose(untrained.eval()(**inputs).logits, expected, atol=1e-3)  # the adapter is in it
+    assert torch.allclose(reloaded["logits"][..., :expected.shape[-1]], expected, atol=1e-4, rtol=0)
+    assert reloaded["new_tokens"].tolist() == fresh.generate_ids(**inputs, max_new_tokens=5).tolist()
