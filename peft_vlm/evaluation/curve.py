@@ -33,7 +33,7 @@ class AccuracyCurve:
     def __init__(self, questions: Sequence[Question], every: int, output_dir: str | Path, batch_size: int = 32,
                  **answer_options):
         self.questions, self.every, self.batch_size = list(questions), every, batch_size
-        self.answer_options = answer_options  # vqa_accuracy's max_new_tokens, answer_after
+        self.answer_options = answer_options  # vqa_accuracy's max_new_tokens, answer_after, describe_first
         self.output_dir = Path(output_dir)
         self.points: list[dict] = []  # {"step", "image": "real"/"grey", kind: accuracy, ...}
 

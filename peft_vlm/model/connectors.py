@@ -115,9 +115,14 @@ class VocabularyConnector(Connector):
         # its gradients are large; unscaled dot products start uniform over the vocabulary and barely move
         self.logit_scale = nn.Parameter(torch.tensor(math.log(4.0)))
         self._vocabulary: tuple[nn.Embedding, ...] = ()
+        self._word_scale = 1.0
 
     def bind_language_model(self, language_model: nn.Module) -> None:
-        self._vocabulary = (language_model.get_input_embeddings(),)
+        embedding = language_model.get_input_embeddings()
+        self._vocabulary = (embedding,)
+        # 1 / the rms of the frozen word embeddings, once: the logits are taken against standardised embeddings
+        with torch.no_grad():
+            self._word_scale = float(torch.rsqrt(embedding.weight.float().pow(2).mean() + 1e-12))
 
     def num_output_tokens(self, num_input_tokens: int) -> int:
         return self.TOKENS_PER_INPUT * num_input_tokens
@@ -129,8 +134,7 @@ class VocabularyConnector(Connector):
         queries = self.mlp(patches).reshape(images, tokens * self.TOKENS_PER_INPUT, self.hidden_size)
         words = self._vocabulary[0].weight.to(queries.dtype)
         # cosine similarity of each (normalised) query with each standardised word embedding, times the scale
-        keys = words * torch.rsqrt(words.float().pow(2).mean() + 1e-12).to(words.dtype)
-        similarity = (self.norm(queries) @ keys.T).float() / math.sqrt(self.hidden_size)
+        similarity = (self.norm(queries) @ words.T).float() * (self._word_scale / math.sqrt(self.hidden_size))
         mixture = torch.softmax(similarity * self.logit_scale.exp(), dim=-1)
         return mixture.to(queries.dtype) @ words
 

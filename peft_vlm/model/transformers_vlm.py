@@ -364,23 +364,16 @@ class ProcessorSampleEncoder:
         source = text["source"]
         images = [load_image(image, source) for image in list(sample.get("images") or [])[: text["images"]]]
         if "messages" in text:
-            return self._conversation(text["messages"], images, source)
-        example = self.model.tokenize([text["prompt"]], images=[images], answers=[text["answer"]])
-        labelled = example["labels"][0]
-        decoded = self.model.tokenizer.decode(labelled[labelled != IGNORE_INDEX], skip_special_tokens=True)
-        if " ".join(text["answer"].split()) not in " ".join(decoded.split()):
-            raise DataError(source, MISALIGNED, f"labelled tokens decode to {decoded!r}, expected {text['answer']!r}")
-        if self.max_length is not None and example["input_ids"].shape[1] > self.max_length:
-            raise DataError(source, TOO_LONG, f"{example['input_ids'].shape[1]} tokens, max_length={self.max_length}")
-        return {**example, "source": source, "truncated": False}
-
-    def _conversation(self, messages: list[dict], images: list, source: str) -> dict:
-        from peft_vlm.data.report import MISALIGNED, TOO_LONG
-        from peft_vlm.errors import DataError
-
-        example = self.model.tokenize_conversation(messages, images)
-        if example is None:
-            raise DataError(source, MISALIGNED, "a turn's tokens are not a prefix of the whole conversation's")
+            example = self.model.tokenize_conversation(text["messages"], images)
+            if example is None:
+                raise DataError(source, MISALIGNED, "a turn's tokens are not a prefix of the whole conversation's")
+        else:
+            example = self.model.tokenize([text["prompt"]], images=[images], answers=[text["answer"]])
+            labelled = example["labels"][0]
+            decoded = self.model.tokenizer.decode(labelled[labelled != IGNORE_INDEX], skip_special_tokens=True)
+            if " ".join(text["answer"].split()) not in " ".join(decoded.split()):
+                raise DataError(source, MISALIGNED,
+                                f"labelled tokens decode to {decoded!r}, expected {text['answer']!r}")
         if self.max_length is not None and example["input_ids"].shape[1] > self.max_length:
             raise DataError(source, TOO_LONG, f"{example['input_ids'].shape[1]} tokens, max_length={self.max_length}")
         return {**example, "source": source, "truncated": False}
