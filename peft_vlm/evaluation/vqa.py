@@ -3,6 +3,7 @@ with a neutral grey image in place of the real one, and loss/perplexity on label
 from __future__ import annotations
 
 import math
+import os
 import re
 import string
 from collections import Counter
@@ -85,9 +86,12 @@ def vqa_accuracy(
     """Greedy answers to every question; `replace_image` (e.g. `grey_image(model)`) stands in for every real image;
     `answer_after` scores what follows that marker in the generation (a model trained to reason, then answer);
     `describe_first` answers in two passes: the model describes the image (CAPTION_PROMPT), then answers the
-    question with its description before it as text (`described_question`, as easy-VQA's `describe_first` trains)."""
+    question with its description before it as text (`described_question`, as easy-VQA's `describe_first` trains);
+    each distinct image (path or object) is described once, however many questions ask about it."""
     model.eval()
     accuracy = Accuracy()
+    images_of = [None if q.image is None else (replace_image or q.image) for q in questions]
+    descriptions = describe_images(model, images_of, batch_size) if describe_first else {}
     batches = range(0, len(questions), batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -95,15 +99,31 @@ def vqa_accuracy(
         batches = tqdm(batches, desc="evaluating", leave=False)
     for start in batches:
         chunk = questions[start : start + batch_size]
-        images = [None if q.image is None else (replace_image or q.image) for q in chunk]  # paths open in generate
+        images = images_of[start : start + batch_size]  # paths open in generate
         prompts = [q.question for q in chunk]
         if describe_first:
-            descriptions = model.generate(images=images, prompts=[CAPTION_PROMPT] * len(chunk), max_new_tokens=12)
-            prompts = [described_question(d, p) for d, p in zip(descriptions, prompts)]
+            prompts = [described_question(descriptions[image_key(i)], p) for i, p in zip(images, prompts)]
         answers = model.generate(images=images, prompts=prompts, max_new_tokens=max_new_tokens)
         for q, answer in zip(chunk, answers):
             accuracy.add(q.kind, q.answer, answer, q.question, answer_after)
     return accuracy
+
+
+def image_key(image) -> object:
+    """What identifies an image across questions: its path, or the object itself (a PIL image, None)."""
+    return str(image) if isinstance(image, (str, os.PathLike)) else id(image)
+
+
+def describe_images(model, images: Sequence, batch_size: int, max_new_tokens: int = 12) -> dict[object, str]:
+    """The model's description (CAPTION_PROMPT, greedy) of each distinct image, by `image_key`."""
+    distinct = list({image_key(image): image for image in images}.items())
+    descriptions = {}
+    for start in range(0, len(distinct), batch_size):
+        keys, chunk = zip(*distinct[start : start + batch_size])
+        captions = model.generate(images=list(chunk), prompts=[CAPTION_PROMPT] * len(chunk),
+                                  max_new_tokens=max_new_tokens)
+        descriptions.update(zip(keys, captions))
+    return descriptions
 
 
 def grey_image(model) -> Image.Image:

@@ -48,3 +48,34 @@ def test_describe_first_answers_after_the_models_own_description():
     assert model.prompts == [[CAPTION_PROMPT] * 2, [described_question("A red circle.", q.question) for q in questions]]
     assert model.prompts[1][0] == "The image shows a red circle. is there a red shape?"
     assert described["yes/no"] == 0.5  # "yes" to both: the stand-in ignores the question, the scoring does not
+
+
+
+class ImageDescriber(Describer):
+    """Describes each image by its name ("A red circle." for "red.png"); answers "yes" iff the description's colour
+    is the question's, so a description given to the wrong question shows in the accuracy."""
+
+    def __init__(self):
+        super().__init__()
+        self.described = []
+
+    def generate(self, images, prompts, max_new_tokens):
+        self.prompts.append(list(prompts))
+        if prompts[0] == CAPTION_PROMPT:
+            self.described += list(images)
+            return [f"A {str(image).removesuffix('.png')} circle." for image in images]
+        return ["yes" if p.split()[4] == p.split()[-2] else "no" for p in prompts]  # "...shows a red ... red shape?"
+
+
+def test_describe_first_describes_each_distinct_image_once_and_gives_each_question_its_own_description():
+    colours = ("red", "blue", "red", "green", "blue", "red")
+    questions = [Question(f"is there a {c} shape?", "yes", f"{c}.png", "yes/no") for c in colours]
+    model = ImageDescriber()
+    accuracy = vqa_accuracy(model, questions, batch_size=4, describe_first=True)
+    assert model.described == ["red.png", "blue.png", "green.png"] and accuracy["yes/no"] == 1.0
+    assert model.prompts[1][2] == "The image shows a red circle. is there a red shape?"
+
+    model = ImageDescriber()
+    grey = object()
+    accuracy = vqa_accuracy(model, questions, batch_size=4, replace_image=grey, describe_first=True)
+    assert model.described == [grey]  # one grey image, described once, for every question
