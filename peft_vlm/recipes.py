@@ -374,7 +374,9 @@ def evaluation_precision(mixed_precision: str | None):
 
     import torch
 
-    if mixed_precision == "bf16" and not torch.cuda.is_available():
+    from peft_vlm.training.config import resolve_mixed_precision
+
+    if resolve_mixed_precision(mixed_precision) == "bf16" and not torch.cuda.is_available():
         return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext
 

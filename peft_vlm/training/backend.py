@@ -21,6 +21,7 @@ and its gradients are dropped.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from abc import ABC, abstractmethod
 from typing import Callable, ClassVar, Iterable
 
@@ -29,7 +30,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from peft_vlm.training.config import TrainConfig
+from peft_vlm.training.config import TrainConfig, native_bf16, resolve_mixed_precision
 
 #: make_groups(parameters by name) -> {stream: AdamW param groups}; every group carries "names" and "stream".
 GroupMaker = Callable[[dict[str, nn.Parameter]], dict[str, list[dict]]]
@@ -41,9 +42,11 @@ class Backend(ABC):
 
     def __init__(self, config: TrainConfig):
         self.config = config
-        mixed_precision = config.mixed_precision
-        if mixed_precision == "auto":
-            mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+        mixed_precision = resolve_mixed_precision(config.mixed_precision)
+        if mixed_precision == "bf16" and not native_bf16():
+            warnings.warn("mixed_precision='bf16' on a CPU without native bf16 kernels (no AVX-512 or AMX): bf16 "
+                          "matmuls are emulated here, many times slower than fp32; 'bf16-native' trains in fp32 on "
+                          "such a CPU", stacklevel=2)
         _allow_precision(mixed_precision)
         self.accelerator = Accelerator(mixed_precision=mixed_precision, log_with=config.report_to,
                                        project_dir=config.output_dir, **self.accelerator_options())

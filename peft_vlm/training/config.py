@@ -10,6 +10,29 @@ from peft_vlm.errors import ConfigError
 from peft_vlm.options import check_options
 
 
+BF16_CHOICES = ("bf16", "bf16-native")
+
+
+def native_bf16() -> bool:
+    """Whether this process's device computes bf16 matmuls natively: a CUDA GPU with bf16, else the CPU's oneDNN."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def resolve_mixed_precision(mixed_precision: str | None) -> str:
+    """The precision a run gets, as accelerate names it: "bf16" or "no"."""
+    import torch
+
+    if mixed_precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    if mixed_precision == "bf16-native":
+        return "bf16" if native_bf16() else "no"
+    return mixed_precision or "no"
+
+
 @dataclass
 class TrainConfig:
     output_dir: str | os.PathLike = "out/run"
@@ -28,9 +51,13 @@ class TrainConfig:
     caption_ratio: float = 0.5  # share of optimizer steps that are caption steps
     caption_groups: tuple[str, ...] = ("vision",)
     instruction_groups: tuple[str, ...] = ("language",)
-    mixed_precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bf16", "no"
-    # with mixed_precision bf16: hold the frozen fp32 linear weights in bf16 while training, so that autocast does not
-    # cast them again in every forward (the same matmul operands, so the same losses; training/frozen_weights.py)
+    # "auto" (bf16 on GPU, fp32 on CPU), "bf16", "no", or "bf16-native": bf16 where the device computes it natively
+    # (a GPU with bf16; a CPU whose oneDNN has bf16 kernels, i.e. AVX-512 or AMX), fp32 elsewhere. On an AVX2-only CPU
+    # bf16 matmuls are emulated, ~50x slower than fp32 (benchmarks/bench_cpu_mfu.py measures both ceilings).
+    mixed_precision: str = "auto"
+    # with mixed_precision bf16 (or bf16-native where it gives bf16): hold the frozen fp32 linear weights in bf16 while
+    # training, so that autocast does not cast them again in every forward (the same matmul operands, so the same
+    # losses; training/frozen_weights.py)
     frozen_linears_in_bf16: bool = False
     gradient_checkpointing: bool = False
     sharding: str = "ddp"  # "ddp" or "fsdp2" (parameters sharded over processes)
@@ -49,8 +76,8 @@ class TrainConfig:
             if not valid:
                 raise ConfigError(f"TrainConfig: {name}={getattr(self, name)!r} is not valid; "
                                   f"{name} must be {accepted}")
-        if self.frozen_linears_in_bf16 and (self.mixed_precision != "bf16" or self.sharding != "ddp"):
-            raise ConfigError("TrainConfig: frozen_linears_in_bf16=True needs mixed_precision='bf16' and "
+        if self.frozen_linears_in_bf16 and (self.mixed_precision not in BF16_CHOICES or self.sharding != "ddp"):
+            raise ConfigError("TrainConfig: frozen_linears_in_bf16=True needs mixed_precision='bf16' or 'bf16-native' and "
                               f"sharding='ddp' (got {self.mixed_precision!r}, {self.sharding!r})")
         overlap = set(self.caption_groups) & set(self.instruction_groups)
         if overlap:
@@ -88,7 +115,8 @@ def _ranges(config: TrainConfig) -> dict[str, tuple[bool, str]]:
         "max_grad_norm": (config.max_grad_norm is None or config.max_grad_norm > 0,
                           "a number > 0, or null for no clipping"),
         "caption_ratio": (0 <= config.caption_ratio <= 1, "a number in [0, 1]"),
-        "mixed_precision": (config.mixed_precision in ("auto", "bf16", "no"), "'auto', 'bf16' or 'no'"),
+        "mixed_precision": (config.mixed_precision in ("auto", "bf16", "bf16-native", "no"),
+                            "'auto', 'bf16', 'bf16-native' or 'no'"),
         "sharding": (config.sharding in ("ddp", "fsdp2"), "'ddp' or 'fsdp2'"),
         "seed": (0 <= config.seed < 2**32, "an integer in [0, 2**32)"),
         "log_every": (config.log_every >= 1, "an integer >= 1"),

@@ -173,7 +173,8 @@ class JointTrainer:
         reporter = Reporter(config, accelerator, list(self.streams))
         reporter.start(self.step)
         self.model.train()
-        frozen_dtype = torch.bfloat16 if config.frozen_linears_in_bf16 else None
+        bf16 = self.accelerator.mixed_precision == "bf16"
+        frozen_dtype = torch.bfloat16 if config.frozen_linears_in_bf16 and bf16 else None
         with frozen_linear_weights_in(self.unwrapped, frozen_dtype):
             self._train_loop(config, reporter)
         reporter.close()

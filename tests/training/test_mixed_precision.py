@@ -6,6 +6,7 @@ import peft
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from PIL import Image
 from safetensors.torch import load_file
 
 import peft_vlm as pv
@@ -68,3 +69,37 @@ def test_runs_of_different_precision_follow_each_other_in_one_process(vlm_factor
         trainer = pv.JointTrainer(model, config, data=SampleDataset(samples, SampleEncoder.for_model(model)))
         assert trainer.train().adapter_path.is_file()
         assert trainer.accelerator.mixed_precision == precision
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_native_trains_in_bf16_only_where_the_cpu_has_bf16_kernels(vlm_factory, tmp_path, monkeypatch,
+                                                                        fresh_accelerator_state, native):
+    """`bf16-native`: bf16 autocast on a CPU whose oneDNN computes bf16 (AVX-512, AMX), fp32 on an AVX2-only CPU, where
+    bf16 is emulated; frozen_linears_in_bf16 then holds nothing in bf16."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    model = pv.apply(vlm_factory(), pv.BiasScaleConfig())
+    frozen = model.language_model.model.layers[0].mlp.up_proj.weight
+    samples = [{"messages": [{"role": "user", "content": "<image> colour?"}, {"role": "assistant", "content": "red"}],
+                "images": [Image.new("RGB", (32, 32), "red")]}] * 2
+    config = pv.TrainConfig(output_dir=str(tmp_path), max_steps=1, batch_size=2, report_to=None, progress_bar=False,
+                            mixed_precision="bf16-native", frozen_linears_in_bf16=True, checkpoint_every=0)
+    trainer = pv.JointTrainer(model, config, data=SampleDataset(samples, SampleEncoder.for_model(model)))
+    dtypes = []
+    hook = model.language_model.model.layers[0].mlp.up_proj.register_forward_hook(
+        lambda module, args, out: dtypes.append(module.weight.dtype))
+    trainer.train()
+    hook.remove()
+    expected = torch.bfloat16 if native else torch.float32
+    assert trainer.accelerator.mixed_precision == ("bf16" if native else "no")
+    assert set(dtypes) == {expected}  # the frozen weight while training
+    assert frozen.dtype == torch.float32  # given back in full precision after the run
+
+
+def test_bf16_on_a_cpu_without_bf16_kernels_warns_and_names_bf16_native(vlm_factory, tmp_path, monkeypatch,
+                                                                        fresh_accelerator_state):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    model = pv.apply(vlm_factory(), pv.BiasScaleConfig())
+    config = pv.TrainConfig(output_dir=str(tmp_path), max_steps=1, report_to=None, progress_bar=False,
+                            mixed_precision="bf16")
+    with pytest.warns(UserWarning, match="bf16-native"):
+        pv.JointTrainer(model, config, data=[])
