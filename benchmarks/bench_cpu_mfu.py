@@ -16,6 +16,8 @@ after warm-up), in the same process as the ceiling:
   in every forward), and what the remaining levers could at most save: the frozen tower's share of the step (features
   computed once per image would remove it), the padding share of the batch's positions (length grouping or packing
   would remove it); "no backward below the lowest trained layer" does not apply: bias/scale trains layer 0.
+  On a CPU without native bf16 kernels (AVX2 only) the bf16 rows are left out: bf16 is emulated there, and the
+  recipe (`mixed_precision: bf16-native`) trains in fp32.
 
     python benchmarks/bench_cpu_mfu.py                 # 2 threads, 16 questions, the main recipe
     python benchmarks/bench_cpu_mfu.py --threads 1 --batch 32 --no-record
@@ -29,6 +31,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import common  # this folder is on sys.path when a script here runs
+from peft_vlm.training.config import native_bf16
 from peft_vlm.training.frozen_weights import frozen_linear_weights_in
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "llama_adapter_v2_joint.yaml"
@@ -76,6 +79,8 @@ def measure(models: dict[str, object], batch: dict, steps: int, warmup: int, cei
         "+ frozen linear weights held in bf16": (models["frozen_bf16"], True, False),
         "plain-matmul attention, fp32": (models["eager"], False, False),
     }
+    if not native_bf16():  # emulated bf16 (an AVX2-only CPU) is ~50x slower than fp32: no lever to measure there
+        variants = {name: variant for name, variant in variants.items() if not variant[1]}
     steps_by_name = {name: make_step(model, batch, bf16, full) for name, (model, bf16, full) in variants.items()}
     for model in models.values():
         model.train()
@@ -147,6 +152,9 @@ def run(args, models: dict, batch: dict) -> None:
         f"padding is {100 * padding:.1f}% of the positions (length grouping / packing)",
         f"- load average {start_load} at the start, {common.load_average()} at the end",
     ]
+    if not native_bf16():
+        notes.append("- no bf16 rows: this CPU has no native bf16 kernels (oneDNN, AVX-512 or AMX), so bf16 is "
+                     "emulated and the recipe's `mixed_precision: bf16-native` trains in fp32")
     setup = (f"main job's step ({args.recipe.name}), {args.batch} easy-VQA questions, {torch.get_num_threads()} "
              f"threads; median of {args.steps} steps after {args.warmup}")
     lines = common.table(["variant", "dtype", "s / step", "speed-up", "MFU (useful FLOPs / ceiling)"], rows)

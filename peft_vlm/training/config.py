@@ -77,8 +77,8 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig: {name}={getattr(self, name)!r} is not valid; "
                                   f"{name} must be {accepted}")
         if self.frozen_linears_in_bf16 and (self.mixed_precision not in BF16_CHOICES or self.sharding != "ddp"):
-            raise ConfigError("TrainConfig: frozen_linears_in_bf16=True needs mixed_precision='bf16' or 'bf16-native' and "
-                              f"sharding='ddp' (got {self.mixed_precision!r}, {self.sharding!r})")
+            raise ConfigError("TrainConfig: frozen_linears_in_bf16=True needs mixed_precision='bf16' or "
+                              f"'bf16-native' and sharding='ddp' (got {self.mixed_precision!r}, {self.sharding!r})")
         overlap = set(self.caption_groups) & set(self.instruction_groups)
         if overlap:
             raise ConfigError(f"caption_groups and instruction_groups must be disjoint; both have {sorted(overlap)}")
