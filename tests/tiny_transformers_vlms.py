@@ -173,9 +173,11 @@ def batch(model, answers: bool = True):
 
 
 def save_tiny_tower(kind: str, folder, seed: int = 0) -> str:
-    """A tiny transformers vision model (CLIP, SigLIP or DINOv2) and its image processor (16x16 images) in `folder`."""
-    from transformers import (BitImageProcessor, CLIPVisionModel, Dinov2Config, Dinov2Model, SiglipImageProcessor,
-                              SiglipVisionConfig, SiglipVisionModel)
+    """A tiny transformers vision model (CLIP, SigLIP, SigLIP 2 or DINOv2) and its image processor (16x16 images, 4x4
+    patches; SigLIP 2's NaFlex processor takes up to 16 patches) in `folder`."""
+    from transformers import (BitImageProcessor, CLIPVisionModel, Dinov2Config, Dinov2Model, Siglip2ImageProcessor,
+                              Siglip2VisionConfig, Siglip2VisionModel, SiglipImageProcessor, SiglipVisionConfig,
+                              SiglipVisionModel)
 
     shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, patch_size=4)
     torch.manual_seed(seed)
@@ -185,6 +187,9 @@ def save_tiny_tower(kind: str, folder, seed: int = 0) -> str:
     elif kind == "siglip":
         model = SiglipVisionModel(SiglipVisionConfig(**shape, image_size=16))
         processor = SiglipImageProcessor(size={"height": 16, "width": 16})
+    elif kind == "siglip2":
+        model = Siglip2VisionModel(Siglip2VisionConfig(**shape, num_patches=16))
+        processor = Siglip2ImageProcessor(patch_size=4, max_num_patches=16)
     else:
         model = Dinov2Model(Dinov2Config(**{k: v for k, v in shape.items() if k != "intermediate_size"}, image_size=16))
         processor = BitImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
