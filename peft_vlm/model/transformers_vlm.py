@@ -1,5 +1,5 @@
 """`TransformersVLM`: a vision-language model that `transformers` ships as a class (LLaVA, LLaVA-NeXT, Qwen2-VL,
-Qwen2.5-VL, Idefics3 / SmolVLM, PaliGemma), wrapped so that the methods of `peft_vlm` attach to its decoder.
+Qwen2.5-VL, Idefics3 / SmolVLM, PaliGemma, Gemma 3), wrapped so that the methods of `peft_vlm` attach to its decoder.
 
 The wrapped model runs its own code end to end: its processor prepares the inputs (chat template, image tokens,
 pixel values, Qwen2-VL's grid sizes), it splices its own image features in and computes its own positions (Qwen2-VL's
@@ -41,6 +41,8 @@ class Family:
     # zeros to the batch's largest and the model reads back unpadded (LLaVA-NeXT's patches per image through
     # image_sizes, Idefics3's images per sample, all-zero images being padding)
     padded_inputs: tuple[str, ...] = ()
+    # its processor takes a batch's images as one list per text (Gemma 3's counts them per text), not one flat list
+    images_per_text: bool = False
 
 
 FAMILIES = {
@@ -53,6 +55,8 @@ FAMILIES = {
                        padded_inputs=("pixel_values", "pixel_attention_mask")),
     "paligemma": Family("model.language_model", "model.vision_tower", ("model.multi_modal_projector",),
                         suffix_answers=True, conversations=False),
+    "gemma3": Family("model.language_model", "model.vision_tower", ("model.multi_modal_projector",),
+                     images_per_text=True),
 }
 
 # Methods that need what only a model built here has, and why (the check runs before the model is touched).
@@ -203,16 +207,16 @@ class TransformersVLM(VisionLanguageModule):
         chat = self.use_chat_template if chat is None else chat
         per_prompt = [_as_list(images[i] if images is not None else None) for i in range(len(prompts))]
         texts = [self.prompt_text(p, len(own), chat) for p, own in zip(prompts, per_prompt)]
-        flat_images = [image for own in per_prompt for image in own]
+        batch_images = per_prompt if self.family.images_per_text else [image for own in per_prompt for image in own]
         if answers is None:
-            return dict(self._process(texts, flat_images))
+            return dict(self._process(texts, batch_images))
         if self.family.suffix_answers:
-            return dict(self._process(texts, flat_images, suffix=list(answers)))
+            return dict(self._process(texts, batch_images, suffix=list(answers)))
         eos = self.tokenizer.eos_token or ""
-        full = self._process([t + a + eos for t, a in zip(texts, answers)], flat_images)
+        full = self._process([t + a + eos for t, a in zip(texts, answers)], batch_images)
         labels = full["input_ids"].clone()
         # The prompt's length, row by row: the prompt is a prefix of the full text, padded on the left.
-        prompt_lengths = self._process(texts, flat_images)["attention_mask"].sum(1)
+        prompt_lengths = self._process(texts, batch_images)["attention_mask"].sum(1)
         full_lengths = full["attention_mask"].sum(1)
         width = labels.shape[1]
         for row in range(len(texts)):
@@ -256,8 +260,10 @@ class TransformersVLM(VisionLanguageModule):
     def _process(self, texts: list[str], images: list, **options) -> dict:
         from peft_vlm.data.images import load_image
 
-        if images:  # paths (a data file's, an evaluation's) open here; a missing file is a DataError naming it
-            options["images"] = [load_image(image, "image") for image in images]
+        # paths (a data file's, an evaluation's) open here; a missing file is a DataError naming it
+        if [image for image in images if not isinstance(image, list) or image]:
+            options["images"] = [[load_image(i, "image") for i in image] if isinstance(image, list)
+                                 else load_image(image, "image") for image in images]
         try:
             return self.processor(text=texts, padding=True, return_tensors="pt", **options)
         except (ValueError, TypeError) as error:

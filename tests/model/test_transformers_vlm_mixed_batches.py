@@ -12,7 +12,7 @@ from conftest import train_steps
 from peft_vlm.data import read_dataset
 from tiny_transformers_vlms import pictures, wrapped
 
-CONVERSING = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3"]
+CONVERSING = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3"]
 ANSWERS = [["A red circle.", "Yes, both."], ["Red."], ["Paris."]]
 IMAGES = [2, 1, 0]
 
