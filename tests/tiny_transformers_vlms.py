@@ -1,4 +1,5 @@
-"""Tiny randomly initialised transformers VLMs (LLaVA, Qwen2-VL) with their own processors, built from configs.
+"""Tiny randomly initialised transformers VLMs (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Idefics3, PaliGemma, Gemma 3)
+with their own processors, built from configs.
 
 Each builder returns (model, processor); `save_tiny(name, folder)` writes both as a folder that
 `pv.VisionLanguageModel.from_pretrained(folder)` (and plain `transformers`) loads.
@@ -13,6 +14,8 @@ from transformers import (
     Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor,
     LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor,
     CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+    Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor, Gemma3TextConfig,
+    PreTrainedTokenizerFast,
     Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
 )
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
@@ -139,8 +142,35 @@ def build_paligemma(seed: int = 0):
     return model, processor
 
 
+def build_gemma3(seed: int = 0):
+    """Gemma 3: a SigLIP tower pooled to 4 soft tokens per image between <start_of_image> / <end_of_image>, one
+    sliding-window and one global attention layer, bidirectional attention within each image (token_type_ids)."""
+    base = _tokenizer("<start_of_image>", "<image_soft_token>", "<end_of_image>")
+    named = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>", extra_special_tokens=named)
+    ids = tokenizer.convert_tokens_to_ids
+    text = Gemma3TextConfig(**{**TEXT, "head_dim": 16}, sliding_window=8,
+                            layer_types=["sliding_attention", "full_attention"], bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=16, patch_size=4)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                          image_token_index=ids("<image_soft_token>"), boi_token_index=ids("<start_of_image>"),
+                          eoi_token_index=ids("<end_of_image>"))
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # initialised at zero, it would give every image the same features (the LM ignores them)
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.2)
+    processor = Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": 16, "width": 16}),
+                                tokenizer=tokenizer, image_seq_length=4,
+                                chat_template=LLAVA_CHAT.replace("<image>", "<start_of_image>"))
+    return model, processor
+
+
 BUILDERS = {"llava": build_llava, "qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl,
-            "llava_next": build_llava_next, "idefics3": build_idefics3, "paligemma": build_paligemma}
+            "llava_next": build_llava_next, "idefics3": build_idefics3, "paligemma": build_paligemma,
+            "gemma3": build_gemma3}
 
 
 def save_tiny(name: str, folder, seed: int = 0) -> str:
@@ -173,9 +203,11 @@ def batch(model, answers: bool = True):
 
 
 def save_tiny_tower(kind: str, folder, seed: int = 0) -> str:
-    """A tiny transformers vision model (CLIP, SigLIP or DINOv2) and its image processor (16x16 images) in `folder`."""
-    from transformers import (BitImageProcessor, CLIPVisionModel, Dinov2Config, Dinov2Model, SiglipImageProcessor,
-                              SiglipVisionConfig, SiglipVisionModel)
+    """A tiny transformers vision model (CLIP, SigLIP, SigLIP 2 or DINOv2) and its image processor (16x16 images, 4x4
+    patches; SigLIP 2's NaFlex processor takes up to 16 patches) in `folder`."""
+    from transformers import (BitImageProcessor, CLIPVisionModel, Dinov2Config, Dinov2Model, Siglip2ImageProcessor,
+                              Siglip2VisionConfig, Siglip2VisionModel, SiglipImageProcessor, SiglipVisionConfig,
+                              SiglipVisionModel)
 
     shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, patch_size=4)
     torch.manual_seed(seed)
@@ -185,6 +217,9 @@ def save_tiny_tower(kind: str, folder, seed: int = 0) -> str:
     elif kind == "siglip":
         model = SiglipVisionModel(SiglipVisionConfig(**shape, image_size=16))
         processor = SiglipImageProcessor(size={"height": 16, "width": 16})
+    elif kind == "siglip2":
+        model = Siglip2VisionModel(Siglip2VisionConfig(**shape, num_patches=16))
+        processor = Siglip2ImageProcessor(patch_size=4, max_num_patches=16)
     else:
         model = Dinov2Model(Dinov2Config(**{k: v for k, v in shape.items() if k != "intermediate_size"}, image_size=16))
         processor = BitImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},

@@ -77,11 +77,14 @@ class ImageProcessor:
     @classmethod
     def for_tower(cls, tower, mode: str = "resize") -> "ImageProcessor":
         """Use the tower's input size and normalisation (open_clip's preprocess config where there is one); a tower
-        that brings its own image processor (a transformers vision model) keeps it for the default mode."""
-        if mode == "resize" and getattr(tower, "image_processor", None) is not None:
-            return OwnImageProcessor(tower.preprocess, mode)
+        that brings its own image processor (a transformers vision model) keeps it for the default mode, and in every
+        mode when only that processor makes its input (SigLIP 2's patches)."""
         visual = getattr(tower, "visual", None)  # an open_clip tower's own preprocessing config
         config = getattr(tower, "preprocess_cfg", None) or getattr(visual, "preprocess_cfg", None) or {}
+        own = getattr(tower, "image_processor", None) is not None
+        if own and (mode == "resize" or getattr(tower, "patch_inputs", False)):  # a patch input only it can make
+            fill = tuple(round(255 * m) for m in config.get("mean", (0, 0, 0)))
+            return OwnImageProcessor(tower.preprocess, mode, fill)
         return cls(tower.image_size, mode, mean=config.get("mean", OPENAI_MEAN), std=config.get("std", OPENAI_STD),
                    interpolation=config.get("interpolation", "bicubic"))
 
@@ -94,10 +97,18 @@ class ImageProcessor:
 
 class OwnImageProcessor:
     """Images through a tower's own processor (e.g. a transformers `CLIPImageProcessor`), in training and at
-    inference alike, so that a model exported to transformers sees the pixels it was trained on."""
+    inference alike, so that a model exported to transformers sees the pixels it was trained on. In "letterbox" and
+    "crop" mode the image is made square first (padded with the mean colour `fill`, or center-cropped)."""
 
-    def __init__(self, preprocess, mode: str = "resize"):
-        self.preprocess, self.mode = preprocess, mode
+    def __init__(self, preprocess, mode: str = "resize", fill: tuple[int, ...] = (0, 0, 0)):
+        self.preprocess, self.mode, self.fill = preprocess, mode, fill
 
     def __call__(self, image: Any, source: str = "image") -> torch.Tensor:
-        return self.preprocess(load_image(image, source))
+        image = load_image(image, source)
+        if self.mode == "letterbox":
+            image = pad_to_square(image, self.fill)
+        elif self.mode == "crop":
+            side = min(image.size)
+            left, top = (image.width - side) // 2, (image.height - side) // 2
+            image = image.crop((left, top, left + side, top + side))
+        return self.preprocess(image)

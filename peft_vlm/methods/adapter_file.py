@@ -68,7 +68,10 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
     if is_vision_language_model(model):
         result["vision"] = json.dumps(model.vision_tower.description, sort_keys=True)
         result["connector"] = model.connector_name
-        tensors += [(n, p) for n, p in sorted(model.vision_tower.named_parameters()) if id(p) not in tracked]
+        # the tower's own weights under their own names (LoRA in the tower wraps them as `...base_layer.weight`)
+        tower = [(n.replace(".base_layer.", "."), p) for n, p in model.vision_tower.named_parameters()
+                 if id(p) not in tracked]
+        tensors += sorted(tower, key=lambda named: named[0])
     result["weights"] = _weights_digest(tensors)
     return result
 

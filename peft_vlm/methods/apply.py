@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 from torch import nn
 
-from peft_vlm.errors import IncompatibleMethodsError, UnknownMethodError
+from peft_vlm.errors import ConfigError, IncompatibleMethodsError, UnknownMethodError
 from peft_vlm.methods import presets
 from peft_vlm.methods.registry import Method, available_methods, get_method, method_for_config
 from peft_vlm.runtime import token_context
@@ -47,6 +47,20 @@ def _resolve(spec: Any) -> list[Any]:
         f"unknown method or preset '{spec}'; presets: {', '.join(presets.available_presets()) or 'none'}; "
         f"methods: {', '.join(sorted(available_methods()))}"
     )
+
+
+def _for_target(config: Any, target: str) -> Any:
+    """`config` as the config of the method that takes it into `target` (e.g. a peft.LoraConfig -> vision_lora)."""
+    methods = available_methods().values()
+    targets = sorted({m.target for m in methods})
+    if target not in targets:
+        raise ConfigError(f"target={target!r} is not a part methods attach to; targets: {', '.join(targets)}")
+    for method_class in methods:
+        adopted = method_class.config_for_target(config) if method_class.target == target else None
+        if adopted is not None:
+            return adopted
+    raise ConfigError(f"target={target!r}: no method takes a {type(config).__name__} into the {target} part; "
+                      f"there: {', '.join(sorted(m.name for m in methods if m.target == target))}")
 
 
 def _attributes(obj: Any) -> dict[str, tuple[Any, Any]]:
@@ -94,15 +108,19 @@ def rollback_on_error(model: nn.Module) -> Iterator[None]:
         raise
 
 
-def apply(model: nn.Module, *configs: Any) -> nn.Module:
+def apply(model: nn.Module, *configs: Any, target: str = "language") -> nn.Module:
     """Attach methods to a VisionLanguageModel or a bare transformers causal LM; return the model.
 
     Each argument is a method config (e.g. `AdaptionPromptConfig(...)`, `peft.LoraConfig(...)`), a preset name
     from `adapters/`, or a method name (default options). Base weights stay frozen; the methods' parameters train.
-    All of them are attached, or none: the model is left as it was if any is refused.
+    All of them are attached, or none: the model is left as it was if any is refused. `target="vision"` puts
+    `peft.LoraConfig`s into the vision tower instead of the language model (method `vision_lora`, group `vision`).
     """
+    resolved = [config for spec in configs for config in _resolve(spec)]
+    if target != "language":
+        resolved = [_for_target(config, target) for config in resolved]
     language_model = language_model_of(model)
-    methods = [method_for_config(config)(config) for spec in configs for config in _resolve(spec)]
+    methods = [method_for_config(config)(config) for config in resolved]
     state = state_of(model, create=False)
     applied = state.names() if state is not None else []
     for method in methods:  # every name, option and combination is checked before the model is touched

@@ -143,20 +143,31 @@ def _image_token(tokenizer, embeddings: int):
     return tokenizer, token_id, token_id >= embeddings
 
 
-def export_llava(model: nn.Module, directory: Path) -> None:
-    """A model built here from a transformers CLIP / SigLIP tower and a linear or mlp2x_gelu connector, as LLaVA."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
-    tower, lm = model.vision_tower, model.language_model
+def check_llava(model: nn.Module) -> None:
+    """Refuse, before anything is written, a model built here that LLaVA's architecture cannot reproduce."""
+    tower = model.vision_tower
     if model.connector_name not in LLAVA_PROJECTORS or not hasattr(tower, "image_processor"):
         raise ConfigError(
             "export_transformers: a model built here exports as LLaVA when it has a transformers vision tower "
             f"(vision='transformers:PATH') and a {' or '.join(LLAVA_PROJECTORS)} connector; this one has "
             f"{type(tower).__name__} and connector '{model.connector_name}'"
         )
+    if tower.patch_inputs:
+        raise ConfigError(
+            f"export_transformers: the {tower.description['transformers']} tower (SigLIP 2, NaFlex) takes flattened "
+            "patches with their pixel_attention_mask and spatial_shapes, which LLaVA's vision tower call does not "
+            "pass; LLaVA exports need a fixed-grid tower (CLIP, SigLIP). Save the adapter with pv.save_adapter"
+        )
     if tower.prefix_tokens > 1 or model.image_boundaries or not model.images_in_sequence:
         raise ConfigError("export_transformers: LLaVA takes one class token at most, no image boundaries and the "
                           "images in the sequence")
+
+
+def export_llava(model: nn.Module, directory: Path) -> None:
+    """A model built here from a transformers CLIP / SigLIP tower and a linear or mlp2x_gelu connector, as LLaVA."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tower, lm = model.vision_tower, model.language_model
     text_config = _plain_config(lm.config)
     tokenizer, image_id, new_row = _image_token(model.tokenizer, lm.get_input_embeddings().num_embeddings)
     state = {f"model.language_model.{k[len('model.'):]}": v.detach().cpu()
@@ -217,6 +228,7 @@ def _exporter_for(model: nn.Module):
     if hasattr(model, "processor") and hasattr(model, "family"):
         return export_wrapped
     if hasattr(model, "vision_tower") and hasattr(model, "connector"):
+        check_llava(model)
         return export_llava
     raise ConfigError(
         f"export_transformers: no transformers form for a {type(model).__name__}; wrapped transformers VLMs and "

@@ -1,7 +1,8 @@
 """LoRA and QLoRA through peft: `pv.apply(model, peft.LoraConfig(...))`.
 
 peft's LoRA layers are injected into the language model only (never into the vision tower or the connector, which
-`target_modules` would otherwise also match by name). On a 4-bit base this is QLoRA. The injected weights can also be
+`target_modules` would otherwise also match by name); `peft_vlm.methods.vision_lora` puts them in the vision tower
+when asked. On a 4-bit base this is QLoRA. The injected weights can also be
 exported in peft's own format and loaded with `peft.PeftModel.from_pretrained` on the bare language model.
 """
 from __future__ import annotations
@@ -34,15 +35,22 @@ def is_quantized(language_model: nn.Module) -> bool:
 class LoraMethod(Method):
     name = "lora"
     config_class = peft.LoraConfig
+    #: the parameter group of the LoRA weights, and the part of the model (`root`) they go into
+    group = "language"
+
+    def root(self, model: nn.Module) -> nn.Module:
+        return language_model_of(model)
 
     def attach(self, model: nn.Module, language_model: nn.Module) -> dict[str, list[nn.Parameter]]:
-        before = {id(p): p.requires_grad for p in language_model.parameters()}
+        root = self.root(model)
+        before = {id(p): p.requires_grad for p in root.parameters()}
         try:
-            peft.inject_adapter_in_model(self.config, language_model, adapter_name=ADAPTER_NAME)
+            peft.inject_adapter_in_model(self.config, root, adapter_name=ADAPTER_NAME)
         except ValueError as error:  # peft names the target modules it could not find
-            raise PeftVlmError(f"LoRA could not be applied to the language model: {error}") from None
-        added = [p for p in language_model.parameters() if p.requires_grad and not before.get(id(p), False)]
-        return {"language": added}
+            part = "language model" if self.group == "language" else "vision tower"
+            raise PeftVlmError(f"LoRA could not be applied to the {part}: {error}") from None
+        added = [p for p in root.parameters() if p.requires_grad and not before.get(id(p), False)]
+        return {self.group: added}
 
     def __init__(self, config: peft.LoraConfig) -> None:
         super().__init__(config)
@@ -53,23 +61,23 @@ class LoraMethod(Method):
         return bool(self.unplugged)
 
     def _lora_layers(self, model: nn.Module) -> list[LoraLayer]:
-        return [m for m in language_model_of(model).modules() if isinstance(m, LoraLayer)]
+        return [m for m in self.root(model).modules() if isinstance(m, LoraLayer)]
 
     def merge(self, model: nn.Module) -> None:
         """Fold B A into the base weights and put each base layer back in place of its LoRA wrapper: a merged model
         runs the modules of the base model and nothing else (a wrapper left in place costs a Python call per layer
         and token, measured at several percent of `generate`'s speed). Save the adapter before merging."""
-        language_model = language_model_of(model)
-        if is_quantized(language_model):
+        root = self.root(model)
+        if is_quantized(root):
             warnings.warn(
                 "LoRA stays unmerged: merging into 4-bit weights would re-quantize them (lossy)", stacklevel=3
             )
             return
-        for name, layer in list(language_model.named_modules()):
+        for name, layer in list(root.named_modules()):
             if isinstance(layer, LoraLayer):
                 layer.merge(adapter_names=[ADAPTER_NAME])
                 parent_name, _, child = name.rpartition(".")
-                parent = language_model.get_submodule(parent_name)
+                parent = root.get_submodule(parent_name)
                 setattr(parent, child, layer.base_layer)
                 self.unplugged.append((parent, child, layer))
 
@@ -94,7 +102,7 @@ class LoraMethod(Method):
     def config_from_dict(cls, values: dict[str, Any]) -> peft.LoraConfig:
         values = {k: v for k, v in values.items() if k not in ("peft_type", "task_type", "revision")}
         try:
-            return peft.LoraConfig(**values)
+            return cls.config_class(**values)
         except TypeError as error:
             raise PeftVlmError(f"invalid LoRA options: {error}") from None
 

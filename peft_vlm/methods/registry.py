@@ -20,6 +20,7 @@ ENTRY_POINT_GROUP = "peft_vlm.methods"
 
 BUILTIN_METHODS = {
     "lora": "peft_vlm.methods.lora:LoraMethod",
+    "vision_lora": "peft_vlm.methods.vision_lora:VisionLoraMethod",
     "adaption_prompt": "peft_vlm.methods.adaption_prompt:AdaptionPromptMethod",
     "bias_scale": "peft_vlm.methods.bias_scale:BiasScaleMethod",
     "early_fusion": "peft_vlm.methods.early_fusion:EarlyFusionMethod",
@@ -47,6 +48,9 @@ class Method:
     #: False when the method feeds the images to the language model itself, so that the VisionLanguageModel leaves
     #: their visual tokens out of the token sequence (read through `VisionLanguageModel.images_in_sequence`).
     images_in_sequence: ClassVar[bool] = True
+    #: The part of the model the method attaches to: "language", or another one that `pv.apply(model, config,
+    #: target=...)` names (e.g. "vision": LoRA in the vision tower).
+    target: ClassVar[str] = "language"
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -63,6 +67,11 @@ class Method:
 
     def check_merge(self, model: nn.Module) -> None:
         """Raise NotMergeableError if `merge` would refuse; called for every method before any is merged."""
+
+    @classmethod
+    def config_for_target(cls, config: Any) -> Any:
+        """`config` as this method's own when `pv.apply(..., target=cls.target)` is given it, else None."""
+        return config if isinstance(config, cls.config_class) else None
 
     @property
     def mergeable(self) -> bool:
@@ -153,7 +162,9 @@ def get_method(name: str) -> type[Method]:
 
 
 def method_for_config(config: Any) -> type[Method]:
-    for method_class in available_methods().values():
+    """The method whose config class `config` is, else the first whose config class it derives from."""
+    methods = available_methods().values()
+    for method_class in [m for m in methods if type(config) is m.config_class] + list(methods):
         if isinstance(config, method_class.config_class):
             return method_class
     raise UnknownMethodError(

@@ -1,5 +1,5 @@
 """`TransformersVLM`: a vision-language model that `transformers` ships as a class (LLaVA, LLaVA-NeXT, Qwen2-VL,
-Qwen2.5-VL, Idefics3 / SmolVLM, PaliGemma), wrapped so that the methods of `peft_vlm` attach to its decoder.
+Qwen2.5-VL, Idefics3 / SmolVLM, PaliGemma, Gemma 3), wrapped so that the methods of `peft_vlm` attach to its decoder.
 
 The wrapped model runs its own code end to end: its processor prepares the inputs (chat template, image tokens,
 pixel values, Qwen2-VL's grid sizes), it splices its own image features in and computes its own positions (Qwen2-VL's
@@ -37,17 +37,26 @@ class Family:
     suffix_answers: bool = False
     # several images and several turns per sample, placed where the conversation's `<image>` placeholders are
     conversations: bool = True
+    # image inputs whose sizes after the first dimension vary from sample to sample, which its own processor pads with
+    # zeros to the batch's largest and the model reads back unpadded (LLaVA-NeXT's patches per image through
+    # image_sizes, Idefics3's images per sample, all-zero images being padding)
+    padded_inputs: tuple[str, ...] = ()
+    # its processor takes a batch's images as one list per text (Gemma 3's counts them per text), not one flat list
+    images_per_text: bool = False
 
 
 FAMILIES = {
     "llava": Family("model.language_model", "model.vision_tower", ("model.multi_modal_projector",)),
     "llava_next": Family("model.language_model", "model.vision_tower",
-                         ("model.multi_modal_projector", "model.image_newline")),
+                         ("model.multi_modal_projector", "model.image_newline"), padded_inputs=("pixel_values",)),
     "qwen2_vl": Family("model.language_model", "model.visual", ("model.visual.merger",)),
     "qwen2_5_vl": Family("model.language_model", "model.visual", ("model.visual.merger",)),
-    "idefics3": Family("model.text_model", "model.vision_model", ("model.connector",)),
+    "idefics3": Family("model.text_model", "model.vision_model", ("model.connector",),
+                       padded_inputs=("pixel_values", "pixel_attention_mask")),
     "paligemma": Family("model.language_model", "model.vision_tower", ("model.multi_modal_projector",),
                         suffix_answers=True, conversations=False),
+    "gemma3": Family("model.language_model", "model.vision_tower", ("model.multi_modal_projector",),
+                     images_per_text=True),
 }
 
 # Methods that need what only a model built here has, and why (the check runs before the model is touched).
@@ -198,16 +207,16 @@ class TransformersVLM(VisionLanguageModule):
         chat = self.use_chat_template if chat is None else chat
         per_prompt = [_as_list(images[i] if images is not None else None) for i in range(len(prompts))]
         texts = [self.prompt_text(p, len(own), chat) for p, own in zip(prompts, per_prompt)]
-        flat_images = [image for own in per_prompt for image in own]
+        batch_images = per_prompt if self.family.images_per_text else [image for own in per_prompt for image in own]
         if answers is None:
-            return dict(self._process(texts, flat_images))
+            return dict(self._process(texts, batch_images))
         if self.family.suffix_answers:
-            return dict(self._process(texts, flat_images, suffix=list(answers)))
+            return dict(self._process(texts, batch_images, suffix=list(answers)))
         eos = self.tokenizer.eos_token or ""
-        full = self._process([t + a + eos for t, a in zip(texts, answers)], flat_images)
+        full = self._process([t + a + eos for t, a in zip(texts, answers)], batch_images)
         labels = full["input_ids"].clone()
         # The prompt's length, row by row: the prompt is a prefix of the full text, padded on the left.
-        prompt_lengths = self._process(texts, flat_images)["attention_mask"].sum(1)
+        prompt_lengths = self._process(texts, batch_images)["attention_mask"].sum(1)
         full_lengths = full["attention_mask"].sum(1)
         width = labels.shape[1]
         for row in range(len(texts)):
@@ -251,8 +260,10 @@ class TransformersVLM(VisionLanguageModule):
     def _process(self, texts: list[str], images: list, **options) -> dict:
         from peft_vlm.data.images import load_image
 
-        if images:  # paths (a data file's, an evaluation's) open here; a missing file is a DataError naming it
-            options["images"] = [load_image(image, "image") for image in images]
+        # paths (a data file's, an evaluation's) open here; a missing file is a DataError naming it
+        if [image for image in images if not isinstance(image, list) or image]:
+            options["images"] = [[load_image(i, "image") for i in image] if isinstance(image, list)
+                                 else load_image(image, "image") for image in images]
         try:
             return self.processor(text=texts, padding=True, return_tensors="pt", **options)
         except (ValueError, TypeError) as error:
@@ -265,7 +276,7 @@ class TransformersVLM(VisionLanguageModule):
 
     def collator(self):
         """The batch collator (`Collator.for_model` asks for it)."""
-        return ProcessorCollator(self.tokenizer.pad_token_id)
+        return ProcessorCollator(self.tokenizer.pad_token_id, self.family.padded_inputs, self.architecture)
 
     # -- running ---------------------------------------------------------------------------------------------------
     def _on_device(self, inputs: dict) -> dict:
@@ -334,6 +345,9 @@ class ProcessorSampleEncoder:
         messages = [m for m in _checked_messages(sample, source) if m["role"] != "system"]
         roles = [m["role"] for m in messages]
         images = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+        if not self.model.family.conversations and images == 0:
+            raise ConfigError(f"{source}: {self.model.architecture} takes one image per sample (its processor needs "
+                              "one); this sample has none")
         if roles != ["user", "assistant"] or images > 1:
             if not self.model.family.conversations:
                 raise ConfigError(
@@ -363,12 +377,17 @@ class ProcessorSampleEncoder:
         text = self.encode_text(sample)
         source = text["source"]
         images = [load_image(image, source) for image in list(sample.get("images") or [])[: text["images"]]]
+        try:
+            if "messages" in text:
+                example = self.model.tokenize_conversation(text["messages"], images)
+            else:
+                example = self.model.tokenize([text["prompt"]], images=[images], answers=[text["answer"]])
+        except ConfigError as error:  # the processor's refusal, with the row it refused
+            raise ConfigError(f"{source}: {error}") from None
         if "messages" in text:
-            example = self.model.tokenize_conversation(text["messages"], images)
             if example is None:
                 raise DataError(source, MISALIGNED, "a turn's tokens are not a prefix of the whole conversation's")
         else:
-            example = self.model.tokenize([text["prompt"]], images=[images], answers=[text["answer"]])
             labelled = example["labels"][0]
             decoded = self.model.tokenizer.decode(labelled[labelled != IGNORE_INDEX], skip_special_tokens=True)
             if " ".join(text["answer"].split()) not in " ".join(decoded.split()):
@@ -380,11 +399,17 @@ class ProcessorSampleEncoder:
 
 
 class ProcessorCollator:
-    """Examples of a `ProcessorSampleEncoder` -> one left-padded batch for `TransformersVLM.forward(**batch)`; image
-    inputs are concatenated in example order (every image of a batch must give inputs of one shape)."""
+    """Examples of a `ProcessorSampleEncoder` -> one left-padded batch for `TransformersVLM.forward(**batch)`.
 
-    def __init__(self, pad_token_id: int):
+    Samples may hold different numbers of images (none included): each image input is concatenated over the samples
+    that have images, in example order, which is the order of their image tokens in the batch. An input the model
+    reads back unpadded (`padded_inputs`) is padded with zeros to the batch's largest, as its processor pads it;
+    any other input whose shape differs between samples cannot be batched, and the error names the samples."""
+
+    def __init__(self, pad_token_id: int, padded_inputs: tuple[str, ...] = (), architecture: str = "model"):
         self.pad_token_id = pad_token_id
+        self.padded_inputs = padded_inputs
+        self.architecture = architecture
 
     def __call__(self, items: list):
         from peft_vlm.data.collate import start_batch
@@ -394,15 +419,31 @@ class ProcessorCollator:
             return batch
         width = max(e["input_ids"].shape[1] for e in examples)
         pads = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX, **TOKEN_INPUTS}
-        for key in examples[0]:
-            if key in ("source", "truncated"):
-                continue
-            values = [e[key] for e in examples]
+        keys = list(dict.fromkeys(key for e in examples for key in e if key not in ("source", "truncated")))
+        for key in keys:
             if key in pads:
+                rows = [e.get(key, torch.full_like(e["input_ids"], pads[key])) for e in examples]
                 batch[key] = torch.cat(
-                    [torch.nn.functional.pad(v, (width - v.shape[1], 0), value=pads[key]) for v in values]
+                    [torch.nn.functional.pad(v, (width - v.shape[1], 0), value=pads[key]) for v in rows]
                 )
             else:
-                batch[key] = torch.cat(values)
+                batch[key] = self._image_input(key, [e for e in examples if key in e])
         return batch
 
+    def _image_input(self, key: str, examples: list[dict]) -> torch.Tensor:
+        values = [e[key] for e in examples]
+        shapes = {tuple(v.shape[1:]) for v in values}
+        if len(shapes) == 1:
+            return torch.cat(values)
+        if key not in self.padded_inputs or len({v.dim() for v in values}) > 1:
+            first = next(e for e in examples if tuple(e[key].shape[1:]) != tuple(values[0].shape[1:]))
+            raise ConfigError(
+                f"{first['source']}: {self.architecture} cannot batch its {key} of shape {tuple(first[key].shape)} "
+                f"with {examples[0]['source']}'s {tuple(values[0].shape)}; train it with batch size 1 or give every "
+                f"sample images of one size")
+        largest = [max(sizes) for sizes in zip(*shapes)]
+        padded = []
+        for value in values:
+            grow = [size - have for size, have in zip(largest, value.shape[1:])]
+            padded.append(torch.nn.functional.pad(value, [p for g in reversed(grow) for p in (0, g)]))
+        return torch.cat(padded)

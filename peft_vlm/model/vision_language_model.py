@@ -225,7 +225,8 @@ class VisionLanguageModel(VisionLanguageModule):
     def _encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(patch tokens from the tower, visual tokens from the connector)."""
         tower_parameter = next(self.vision_tower.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and tower_parameter.requires_grad):
+        trains = any(p.requires_grad for p in self.vision_tower.parameters())  # unfrozen, or LoRA inside
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
             patches = self.vision_tower(pixel_values.to(tower_parameter.device, tower_parameter.dtype))
         return patches, self.connector(patches.to(next(self.connector.parameters()).dtype))
 

@@ -193,7 +193,13 @@ class TransformersVisionTower(VisionTower):
     The patch tokens are the hidden states after one layer (`hidden_states[feature_layer]`, the second to last layer
     by default, as LLaVA's `vision_feature_layer`), with the prefix tokens (CLIP's and DINOv2's class token, DINOv2's
     registers) dropped. A folder that holds a two-tower model (CLIPModel, SiglipModel) gives its vision half. Images
-    go through the model's own image processor (`AutoImageProcessor`)."""
+    go through the model's own image processor (`AutoImageProcessor`).
+
+    SigLIP 2's NaFlex processor gives each image as flattened patches of an aspect-preserving grid (`pixel_values`
+    (N, C*p*p), padded to `max_num_patches`, with `pixel_attention_mask` and `spatial_shapes`). A model built here
+    gives every image the same number of visual tokens, so the image is first brought to a square (the model's resize
+    mode) and the processor then gives every image one grid: `patch_inputs` is True, the tower's input is those
+    patches and it passes the grid's mask and shape itself."""
 
     def __init__(self, path: str, feature_layer: int = -2, image_processor=None):
         super().__init__()
@@ -215,26 +221,45 @@ class TransformersVisionTower(VisionTower):
         if not -(layers + 1) <= feature_layer <= layers:
             raise ModelLoadError(f"feature_layer={feature_layer} is out of range for '{path}' ({layers} layers)")
         self.feature_layer = feature_layer
-        self.preprocess = lambda image: processor(images=image, return_tensors="pt")["pixel_values"][0]
         self.preprocess_cfg = {"mean": list(processor.image_mean), "std": list(processor.image_std)}
         from PIL import Image
 
-        probe = self.preprocess(Image.new("RGB", (32, 32)))
-        self.image_size = tuple(probe.shape[-2:])
         patch = self.model.config.patch_size
+        square = Image.new("RGB", (32, 32))
+        processed = processor(images=square, return_tensors="pt")
+        self.patch_inputs = "spatial_shapes" in processed
+        if self.patch_inputs:
+            self.register_buffer("spatial_shapes", processed["spatial_shapes"][:1], persistent=False)
+            self.register_buffer("patch_mask", processed["pixel_attention_mask"][:1], persistent=False)
+            rows, cols = (int(size) for size in processed["spatial_shapes"][0])
+            self.image_size = (rows * patch, cols * patch)
+            resample = getattr(processor, "resample", None)
+            self.preprocess = lambda image: processor(
+                images=image.resize((cols * patch, rows * patch), resample), return_tensors="pt")["pixel_values"][0]
+        else:
+            self.preprocess = lambda image: processor(images=image, return_tensors="pt")["pixel_values"][0]
+            self.image_size = tuple(self.preprocess(square).shape[-2:])
         self.grid_size = (self.image_size[0] // patch, self.image_size[1] // patch)
         self.num_tokens, self.width = self.grid_size[0] * self.grid_size[1], self.model.config.hidden_size
         with torch.no_grad():
-            hidden = self.model(probe[None], output_hidden_states=True).hidden_states[feature_layer]
-        self.prefix_tokens = hidden.shape[1] - self.num_tokens  # class token, registers
+            hidden = self._hidden_states(self.preprocess(square)[None])
+        # class token, registers (SigLIP 2's padding patches come after the image's, and are dropped too)
+        self.prefix_tokens = 0 if self.patch_inputs else hidden.shape[1] - self.num_tokens
         self.description = {"transformers": self.model.config.model_type, "feature_layer": feature_layer,
                             "image_size": list(self.image_size), "hidden_size": self.width}
         self.rebuild_options = {"feature_layer": feature_layer} if feature_layer != -2 else {}
         self.source = TRANSFORMERS_PREFIX + str(path)  # how a recipe names it (kept out of the base fingerprint)
 
+    def _hidden_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        grid = {}
+        if self.patch_inputs:  # every image has the one grid the tower was set up with
+            grid = {"pixel_attention_mask": self.patch_mask.expand(len(pixel_values), -1),
+                    "spatial_shapes": self.spatial_shapes.expand(len(pixel_values), -1)}
+        return self.model(pixel_values, output_hidden_states=True, **grid).hidden_states[self.feature_layer]
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(pixel_values, output_hidden_states=True).hidden_states[self.feature_layer]
-        return hidden[:, self.prefix_tokens:]
+        hidden = self._hidden_states(pixel_values)
+        return hidden[:, self.prefix_tokens: self.prefix_tokens + self.num_tokens]
 
 
 def token_grid(tower: VisionTower) -> tuple[int, int] | None:
@@ -266,6 +291,10 @@ class FusedVisionTower(VisionTower):
 
     def __init__(self, first: VisionTower, second: VisionTower, interpolate: bool = True):
         super().__init__()
+        patch_towers = [t.description.get("transformers") for t in (first, second) if getattr(t, "patch_inputs", 0)]
+        if patch_towers:
+            raise ConfigError(f"a fused vision tower takes towers of (batch, 3, H, W) images; {patch_towers[0]} takes "
+                              "flattened patches (SigLIP 2's NaFlex input), so it cannot be fused")
         self.towers = nn.ModuleList([first, second])
         grids = [token_grid(first), token_grid(second)]
         self.resample = None not in grids and grids[0] != grids[1]

@@ -85,7 +85,9 @@ def test_cached_generation_equals_full_decoding(arch, method):
     cached = model.generate_ids(**inputs, max_new_tokens=steps, suppress_tokens=[eos])
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     # per-position inputs that grow with the sequence, and their value for generated text (as generate extends them)
-    growing = {k: v for k, v in {"mm_token_type_ids": 0, "token_type_ids": 1}.items() if k in inputs}
+    # (PaliGemma's token type 1 marks the suffix, so its generated tokens; Gemma 3's marks image tokens only)
+    text_type = 1 if model.family.suffix_answers else 0
+    growing = {k: v for k, v in {"mm_token_type_ids": 0, "token_type_ids": text_type}.items() if k in inputs}
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", *growing)}
     types = {k: inputs[k] for k in growing}
     for _ in range(steps):

@@ -10,7 +10,7 @@ import peft_vlm as pv
 from peft_vlm.data import read_dataset
 from tiny_transformers_vlms import pictures, wrapped
 
-CONVERSING = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3"]
+CONVERSING = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3"]
 ANSWERS = ["A red circle.", "Yes, both are round."]
 
 

@@ -18,6 +18,7 @@ FAMILIES = {
     "transformers_qwen2_5_vl_expert": "qwen2_5_vl",
     "transformers_smolvlm_adapter": "idefics3",
     "transformers_paligemma_lora": "paligemma",
+    "transformers_gemma3_lora": "gemma3",
 }
 
 
