@@ -224,8 +224,16 @@ def export_transformers(model: nn.Module, directory: str | os.PathLike) -> Path:
     return directory
 
 
+#: wrapped architectures whose export has not been shown to reload in plain transformers with the same logits
+UNVERIFIED_EXPORTS = {"gemma3": "Gemma 3"}
+
+
 def _exporter_for(model: nn.Module):
     if hasattr(model, "processor") and hasattr(model, "family"):
+        if model.architecture in UNVERIFIED_EXPORTS:
+            raise ConfigError(f"export_transformers: exporting a wrapped {UNVERIFIED_EXPORTS[model.architecture]} is "
+                              "not supported yet (its exported folder is not verified to reload in transformers); "
+                              "save the adapter with pv.save_adapter instead")
         return export_wrapped
     if hasattr(model, "vision_tower") and hasattr(model, "connector"):
         check_llava(model)

@@ -49,8 +49,16 @@ def reload_in_plain_transformers(folder, texts, tmp_path, max_new_tokens=5):
     return load_file(str(output))
 
 
-# Gemma 3's exported folder did not reload through tests/scripts/reload_transformers_export.py yet (not investigated)
+# Gemma 3's export is refused (not verified to reload in plain transformers): see the refusal test below
 RELOADED = [arch for arch in ARCHITECTURES if arch != "gemma3"]
+
+
+def test_a_wrapped_gemma3_export_is_refused_by_name_before_anything_is_written(tmp_path):
+    model = wrapped("gemma3")
+    pv.apply(model, peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(pv.ConfigError, match="wrapped Gemma 3 is not supported yet"):
+        pv.export_transformers(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("merged", [False, True])
@@ -72,7 +80,7 @@ def test_wrapped_model_exports_its_own_architecture_with_the_same_logits_and_ans
     assert reloaded["new_tokens"].tolist() == model.generate_ids(**inputs, max_new_tokens=5).tolist()
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", RELOADED)
 def test_export_leaves_an_unmerged_model_unmerged(arch, tmp_path):
     model = trained(arch, BIAS_SCALE[arch], peft.LoraConfig(r=4, target_modules=["q_proj"]))
     inputs = model.tokenize(PROMPTS, images=pictures(2))
