@@ -87,25 +87,34 @@ def vqa_accuracy(
     `answer_after` scores what follows that marker in the generation (a model trained to reason, then answer);
     `describe_first` answers in two passes: the model describes the image (CAPTION_PROMPT), then answers the
     question with its description before it as text (`described_question`, as easy-VQA's `describe_first` trains);
-    each distinct image (path or object) is described once, however many questions ask about it."""
+    each distinct image (path or object) is described once, however many questions ask about it, and each distinct
+    input (image, prompt) is answered once, however many questions share it: greedy answers to the same input are
+    the same (with `replace_image` every question sees one image, so a question text is answered once)."""
     model.eval()
     accuracy = Accuracy()
     images_of = [None if q.image is None else (replace_image or q.image) for q in questions]
     descriptions = describe_images(model, images_of, batch_size) if describe_first else {}
-    batches = range(0, len(questions), batch_size)
+    prompts = [q.question for q in questions]
+    if describe_first:
+        prompts = [described_question(descriptions[image_key(i)], p) for i, p in zip(images_of, prompts)]
+    inputs = [(image_key(image), prompt) for image, prompt in zip(images_of, prompts)]
+    first_of: dict = {}
+    for index, key in enumerate(inputs):
+        first_of.setdefault(key, index)
+    distinct = list(first_of.items())  # (input, its first question), in question order
+    batches = range(0, len(distinct), batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc="evaluating", leave=False)
+    answer_of = {}
     for start in batches:
-        chunk = questions[start : start + batch_size]
-        images = images_of[start : start + batch_size]  # paths open in generate
-        prompts = [q.question for q in chunk]
-        if describe_first:
-            prompts = [described_question(descriptions[image_key(i)], p) for i, p in zip(images, prompts)]
-        answers = model.generate(images=images, prompts=prompts, max_new_tokens=max_new_tokens)
-        for q, answer in zip(chunk, answers):
-            accuracy.add(q.kind, q.answer, answer, q.question, answer_after)
+        keys, indices = zip(*distinct[start : start + batch_size])
+        answers = model.generate(images=[images_of[i] for i in indices], prompts=[prompts[i] for i in indices],
+                                 max_new_tokens=max_new_tokens)  # paths open in generate
+        answer_of.update(zip(keys, answers))
+    for q, key in zip(questions, inputs):
+        accuracy.add(q.kind, q.answer, answer_of[key], q.question, answer_after)
     return accuracy
 
 

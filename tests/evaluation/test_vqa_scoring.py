@@ -73,9 +73,31 @@ def test_describe_first_describes_each_distinct_image_once_and_gives_each_questi
     model = ImageDescriber()
     accuracy = vqa_accuracy(model, questions, batch_size=4, describe_first=True)
     assert model.described == ["red.png", "blue.png", "green.png"] and accuracy["yes/no"] == 1.0
-    assert model.prompts[1][2] == "The image shows a red circle. is there a red shape?"
+    # the same image asked the same question is one input, answered once and scored for every question
+    assert model.prompts[1] == [f"The image shows a {c} circle. is there a {c} shape?" for c in ("red", "blue", "green")]
+    assert accuracy.total["yes/no"] == 6 and len(accuracy.examples) == 6
 
     model = ImageDescriber()
     grey = object()
     accuracy = vqa_accuracy(model, questions, batch_size=4, replace_image=grey, describe_first=True)
     assert model.described == [grey]  # one grey image, described once, for every question
+
+
+def test_each_distinct_input_is_answered_once_and_every_question_gets_its_answer():
+    questions = [Question(f"is there a {c} shape?", "yes" if c == "red" else "no", "red.png", "yes/no")
+                 for c in ("red", "blue", "red", "blue", "red")]
+    questions.append(Question("is there a red shape?", "yes", "blue.png", "yes/no"))  # same text, other image
+    model = ImageDescriber()
+    accuracy = vqa_accuracy(model, questions, batch_size=2, describe_first=True)
+    answered = [p for batch in model.prompts if batch[0] != CAPTION_PROMPT for p in batch]
+    assert answered == ["The image shows a red circle. is there a red shape?",
+                        "The image shows a red circle. is there a blue shape?",
+                        "The image shows a blue circle. is there a red shape?"]
+    assert [given for _, _, given in accuracy.examples] == ["yes", "no", "yes", "no", "yes", "no"]
+    assert accuracy["yes/no"] == 5 / 6  # the blue image's "no" to "is there a red shape?" is scored against "yes"
+
+    model = ImageDescriber()
+    grey = object()
+    accuracy = vqa_accuracy(model, questions, batch_size=2, replace_image=grey, describe_first=True)
+    answered = [p for batch in model.prompts if batch[0] != CAPTION_PROMPT for p in batch]
+    assert len(answered) == 2 and accuracy.total["all"] == 6  # two question texts, one grey image
