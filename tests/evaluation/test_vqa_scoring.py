@@ -74,7 +74,8 @@ def test_describe_first_describes_each_distinct_image_once_and_gives_each_questi
     accuracy = vqa_accuracy(model, questions, batch_size=4, describe_first=True)
     assert model.described == ["red.png", "blue.png", "green.png"] and accuracy["yes/no"] == 1.0
     # the same image asked the same question is one input, answered once and scored for every question
-    assert model.prompts[1] == [f"The image shows a {c} circle. is there a {c} shape?" for c in ("red", "blue", "green")]
+    assert model.prompts[1] == [f"The image shows a {c} circle. is there a {c} shape?"
+                                for c in ("red", "blue", "green")]
     assert accuracy.total["yes/no"] == 6 and len(accuracy.examples) == 6
 
     model = ImageDescriber()
