@@ -117,7 +117,7 @@ def _generate(arguments: argparse.Namespace) -> None:
 
 
 def _eval(arguments: argparse.Namespace) -> None:
-    from peft_vlm.recipes import evaluation_questions, load_recipe
+    from peft_vlm.recipes import answer_options, evaluation_questions, load_recipe
     from peft_vlm.evaluation import vqa
 
     model = _model_for(arguments.adapter, arguments.recipe, arguments.set or [])
@@ -130,9 +130,12 @@ def _eval(arguments: argparse.Namespace) -> None:
         spec = {"format": "easy_vqa", "split": "test", "limit": arguments.limit}
     figures = {"recipe": f"eval {arguments.adapter}"}
     questions = evaluation_questions(spec)
-    figures["accuracy"] = vqa.vqa_accuracy(model, questions, progress=True)
+    # answered as the recipe's own evaluation answers (describe, then answer, say): the adapter was trained for it
+    options = {**answer_options(spec), **({"describe_first": True} if arguments.describe_first else {}),
+               "batch_size": int(spec.get("batch_size", 16))}
+    figures["accuracy"] = vqa.vqa_accuracy(model, questions, progress=True, **options)
     if arguments.grey_image or spec.get("grey_image"):
-        figures["grey_image"] = vqa.vqa_accuracy(model, questions, replace_image=vqa.grey_image(model))
+        figures["grey_image"] = vqa.vqa_accuracy(model, questions, replace_image=vqa.grey_image(model), **options)
     print(format_figures(figures))
     if arguments.perplexity:
         from peft_vlm.data import Collator, SampleEncoder
@@ -177,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, help="evaluate on this many evenly spaced questions")
     evaluate.add_argument("--grey-image", action="store_true", help="also answer with a neutral grey image")
     evaluate.add_argument("--perplexity", action="store_true", help="also report loss and perplexity")
+    evaluate.add_argument("--describe-first", action="store_true",
+                          help="answer in two passes, describe the image, then answer (a recipe's eval.describe_first)")
     evaluate.set_defaults(run=_eval)
 
     generate = commands.add_parser("generate", help="answer a question about an image with a saved adapter")

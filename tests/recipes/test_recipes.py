@@ -156,3 +156,35 @@ def test_joint_recipe_draws_accuracy_against_steps_and_checks_the_reload_on_the_
         (step, image) for step in (0, 2, 3) for image in ("real", "grey")]
     assert all(set(p) >= {"color", "shape", "yes/no"} for p in points)
     assert (tiny_files / "out" / "accuracy_curve.png").stat().st_size > 1000
+
+
+def test_eval_command_answers_as_the_recipes_evaluation_does(tiny_files, tiny_vit, monkeypatch, capsys):
+    """An adapter trained to describe, then answer, is evaluated that way by `peft-vlm eval --recipe`, as the
+    training run's own evaluation did; without a recipe, `--describe-first` asks for it."""
+    from peft_vlm.data.formats import CAPTION_PROMPT
+
+    recipe = str(RECIPES / "llama_adapter_v2_joint.yaml")
+    overrides = tiny_overrides(tiny_files, tiny_vit, "eval.limit=4", "eval.zero_shot=false",
+                               "eval.verify_reload=false", "eval.curve=null")
+    assert cli(["train", recipe, "--max-steps", "1", *overrides]) == 0
+    asked = []
+    original = pv.VisionLanguageModel.generate
+
+    def generate(self, images=None, prompts=(), **options):
+        asked.extend(prompts)
+        return original(self, images=images, prompts=prompts, **options)
+
+    monkeypatch.setattr(pv.VisionLanguageModel, "generate", generate)
+    adapter = str(tiny_files / "out" / "adapter.safetensors")
+    base = ["--set", f"model.language_model={tiny_files / 'lm'}", "--set", f"model.vision={tiny_vit}"]
+    capsys.readouterr()
+    assert cli(["eval", adapter, "--recipe", recipe, "--limit", "4", *base]) == 0
+    assert "trained, grey image" in capsys.readouterr().out  # the recipe's grey_image
+    captions = asked.count(CAPTION_PROMPT)
+    assert captions >= 2 and all(p.startswith("The image shows ") for p in asked if p != CAPTION_PROMPT)
+
+    asked.clear()
+    assert cli(["eval", adapter, "--limit", "4", *base]) == 0
+    assert CAPTION_PROMPT not in asked  # the adapter file alone does not say how it was trained to answer
+    assert cli(["eval", adapter, "--limit", "4", "--describe-first", *base]) == 0
+    assert CAPTION_PROMPT in asked
