@@ -1,6 +1,7 @@
 """Method comparison on the embedded default: the same steps on the same easy-VQA data for every method.
 
-    python benchmarks/bench_compare_methods.py [--steps 140] [--limit 300] [--only lora,qlora] [--jobs 2] [--resume]
+    python benchmarks/bench_compare_methods.py [--steps 300] [--slow-steps 100] [--limit 1000] [--only lora,qlora]
+                                               [--jobs 2] [--resume]
 
 Each method runs in its own process (so peak memory is its own) through the `llama_adapter_v2_joint` recipe with the
 method swapped in: caption and instruction batches in the same order, the same evaluation questions. Prints a table
@@ -58,7 +59,7 @@ def run_one(name: str, overrides: list[str], output: Path) -> dict:
     from peft_vlm.recipes import load_recipe, run_recipe
 
     fixed = [f"train.output_dir={output}", "train.checkpoint_every=0", "eval.zero_shot=false",
-             "eval.verify_reload=false"]
+             "eval.verify_reload=false", "eval.curve=null"]
     recipe = load_recipe(RECIPE, [*overrides, *fixed])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -68,6 +69,7 @@ def run_one(name: str, overrides: list[str], output: Path) -> dict:
     steps = recipe["train"]["max_steps"]
     return {
         "method": name,
+        "steps": steps,
         "accuracy": figures["accuracy"].as_dict(),
         "grey_image": figures["grey_image"].as_dict(),
         "trainable_parameters": figures["trainable_parameters"],
@@ -79,13 +81,13 @@ def run_one(name: str, overrides: list[str], output: Path) -> dict:
 
 def table(rows: list[dict]) -> str:
     kinds = ["all", "color", "shape", "yes/no"]
-    header = ("| method | " + " | ".join(f"acc {k}" for k in kinds)
+    header = ("| method | steps | " + " | ".join(f"acc {k}" for k in kinds)
               + " | grey-image acc (all / color / shape) | trainable | adapter MB | s/step | peak mem GB |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         acc = " | ".join(f"{100 * r['accuracy'].get(k, float('nan')):.1f}" for k in kinds)
         grey = " / ".join(f"{100 * r['grey_image'].get(k, float('nan')):.1f}" for k in ("all", "color", "shape"))
-        lines.append(f"| {r['method']} | {acc} | {grey} | {r['trainable_parameters']:,} | "
+        lines.append(f"| {r['method']} | {r.get('steps', '')} | {acc} | {grey} | {r['trainable_parameters']:,} | "
                      f"{r['adapter_bytes'] / 1e6:.2f} | "
                      f"{r['seconds_per_step']:.2f} | {r['peak_memory_bytes'] / 1e9:.2f} |")
     return "\n".join(lines)
@@ -93,7 +95,9 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=140, help="training steps per method (the main job's)")
+    parser.add_argument("--steps", type=int, default=300, help="training steps per method (the main job's)")
+    parser.add_argument("--slow-steps", type=int,
+                        help=f"training steps for the slowest setups ({', '.join(SLOWEST)}; default: --steps)")
     parser.add_argument("--limit", type=int, default=300,
                         help="evaluation questions (evenly spaced over the test split)")
     parser.add_argument("--only", help="comma-separated subset of method names (substring match)")
@@ -123,7 +127,8 @@ def main() -> None:
         if args.resume and saved.is_file():
             print(f"{name}: kept from {saved}", flush=True)
             return json.loads(saved.read_text())
-        command = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--limit", str(args.limit),
+        steps = args.slow_steps if args.slow_steps and name in SLOWEST else args.steps
+        command = [sys.executable, __file__, "--one", name, "--steps", str(steps), "--limit", str(args.limit),
                    "--out", args.out]
         completed = subprocess.run(command, capture_output=True, text=True, env=env)
         payload = next((line.removeprefix("RESULT ") for line in completed.stdout.splitlines()
@@ -150,7 +155,8 @@ def main() -> None:
         f"Command: `python benchmarks/bench_compare_methods.py {' '.join(sys.argv[1:])}`  \n"
         f"Machine: {device}, {platform.platform()}, load average {os.getloadavg()[0]:.1f} at the end  \n"
         f"Methods trained {args.jobs} at a time, {threads} thread(s) each.  \n"
-        f"{args.steps} steps per method, recipe `llama_adapter_v2_joint` with the method swapped in; accuracy on "
+        f"{args.steps} steps per method ({args.slow_steps or args.steps} for {', '.join(SLOWEST)}), recipe "
+        f"`llama_adapter_v2_joint` with the method swapped in; accuracy on "
         f"{args.limit} evenly spaced easy-VQA test questions (%), with the real image and with a neutral grey "
         f"image.\n\n"
         f"{text}\n"

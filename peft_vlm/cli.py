@@ -117,25 +117,32 @@ def _generate(arguments: argparse.Namespace) -> None:
 
 
 def _eval(arguments: argparse.Namespace) -> None:
-    from peft_vlm.recipes import answer_options, evaluation_questions, load_recipe
+    import contextlib
+
+    from peft_vlm.recipes import answer_options, evaluation_precision, evaluation_questions, load_recipe
     from peft_vlm.evaluation import vqa
 
     model = _model_for(arguments.adapter, arguments.recipe, arguments.set or [])
+    recipe = load_recipe(arguments.recipe, arguments.set or []) if arguments.recipe else {}
     if arguments.data:
         spec = {"path": arguments.data, "format": arguments.format, "limit": arguments.limit}
     elif arguments.recipe:
-        spec = dict(load_recipe(arguments.recipe, arguments.set or []).get("eval") or {})
+        spec = dict(recipe.get("eval") or {})
         spec["limit"] = arguments.limit or spec.get("limit")
     else:
         spec = {"format": "easy_vqa", "split": "test", "limit": arguments.limit}
     figures = {"recipe": f"eval {arguments.adapter}"}
     questions = evaluation_questions(spec)
-    # answered as the recipe's own evaluation answers (describe, then answer, say): the adapter was trained for it
+    # answered as the recipe's own evaluation answers (describe, then answer, say; in the precision it trained in)
     options = {**answer_options(spec), **({"describe_first": True} if arguments.describe_first else {}),
                "batch_size": int(spec.get("batch_size", 16))}
-    figures["accuracy"] = vqa.vqa_accuracy(model, questions, progress=True, **options)
-    if arguments.grey_image or spec.get("grey_image"):
-        figures["grey_image"] = vqa.vqa_accuracy(model, questions, replace_image=vqa.grey_image(model), **options)
+    precision = (evaluation_precision((recipe.get("train") or {}).get("mixed_precision")) if recipe
+                 else contextlib.nullcontext)
+    with precision():
+        figures["accuracy"] = vqa.vqa_accuracy(model, questions, progress=True, **options)
+        if arguments.grey_image or spec.get("grey_image"):
+            figures["grey_image"] = vqa.vqa_accuracy(model, questions, replace_image=vqa.grey_image(model),
+                                                     **options)
     print(format_figures(figures))
     if arguments.perplexity:
         from peft_vlm.data import Collator, SampleEncoder
