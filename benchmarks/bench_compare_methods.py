@@ -41,10 +41,12 @@ METHODS = {
     "Flamingo (resampler + gated xattn)": [
         "model.connector=perceiver_resampler", "methods=[{method: gated_cross_attention, every: 4, group: language}]"
     ],
-    # BLIP-2 trains the Q-Former alone with the LM frozen: one group, trained on the instruction batches.
+    # BLIP-2 trains the Q-Former alone with the LM frozen: one group, trained on the instruction batches. Its LM
+    # never learns to answer after a description (nothing in it trains), so it answers directly, as in its paper.
     "BLIP-2 Q-Former": [
         "model.connector=qformer", "methods=[]", "data.captions=null", "train.caption_groups=[]",
-        "train.instruction_groups=[vision]"
+        "train.instruction_groups=[vision]", "data.instructions.options={balance_yes_no: true}",
+        "eval.describe_first=false"
     ],
 }
 
