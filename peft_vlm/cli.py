@@ -117,9 +117,7 @@ def _generate(arguments: argparse.Namespace) -> None:
 
 
 def _eval(arguments: argparse.Namespace) -> None:
-    import contextlib
-
-    from peft_vlm.recipes import answer_options, evaluation_precision, evaluation_questions, load_recipe
+    from peft_vlm.recipes import Evaluation, load_recipe
     from peft_vlm.evaluation import vqa
 
     model = _model_for(arguments.adapter, arguments.recipe, arguments.set or [])
@@ -132,17 +130,12 @@ def _eval(arguments: argparse.Namespace) -> None:
     else:
         spec = {"format": "easy_vqa", "split": "test", "limit": arguments.limit}
     figures = {"recipe": f"eval {arguments.adapter}"}
-    questions = evaluation_questions(spec)
-    # answered as the recipe's own evaluation answers (describe, then answer, say; in the precision it trained in)
-    options = {**answer_options(spec), **({"describe_first": True} if arguments.describe_first else {}),
-               "batch_size": int(spec.get("batch_size", 16))}
-    precision = (evaluation_precision((recipe.get("train") or {}).get("mixed_precision")) if recipe
-                 else contextlib.nullcontext)
-    with precision():
-        figures["accuracy"] = vqa.vqa_accuracy(model, questions, progress=True, **options)
-        if arguments.grey_image or spec.get("grey_image"):
-            figures["grey_image"] = vqa.vqa_accuracy(model, questions, replace_image=vqa.grey_image(model),
-                                                     **options)
+    # answered as the recipe's own evaluation answers (describe, then answer, say), in the precision it trained in
+    evaluation = Evaluation({"eval": spec, "train": recipe.get("train")})
+    options = {"describe_first": True} if arguments.describe_first else {}
+    figures["accuracy"] = evaluation.answer(model, progress=True, **options)
+    if arguments.grey_image or spec.get("grey_image"):
+        figures["grey_image"] = evaluation.answer(model, replace_image=vqa.grey_image(model), **options)
     print(format_figures(figures))
     if arguments.perplexity:
         from peft_vlm.data import Collator, SampleEncoder

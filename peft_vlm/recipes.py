@@ -402,11 +402,6 @@ def accuracy_curve(model, evaluation: "Evaluation", output_dir: str) -> list:
     return [evaluate]
 
 
-def answer_options(spec: dict) -> dict:
-    """How an `eval` section asks `vqa_accuracy` to answer (max_new_tokens, answer_after, describe_first)."""
-    return {key: spec[key] for key in ("max_new_tokens", "answer_after", "describe_first") if spec.get(key) is not None}
-
-
 class Evaluation:
     """The recipe's `eval` section: its questions, in the precision training ran in."""
 
@@ -415,7 +410,8 @@ class Evaluation:
         self.questions = evaluation_questions(self.spec) if self.spec else []
         self.precision = evaluation_precision((recipe.get("train") or {}).get("mixed_precision"))
         self.batch_size = int(self.spec.get("batch_size", 16))
-        self.answer_options = answer_options(self.spec)
+        self.answer_options = {key: self.spec[key] for key in ("max_new_tokens", "answer_after", "describe_first")
+                               if self.spec.get(key) is not None}
 
     def answer(self, model, count: bool | int = True, **options):
         from peft_vlm.evaluation import vqa
