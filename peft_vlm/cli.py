@@ -106,22 +106,45 @@ def _model_for(adapter: str, recipe_path: str | None, overrides: list[str]):
 def _generate(arguments: argparse.Namespace) -> None:
     from PIL import Image
 
+    from peft_vlm.recipes import evaluation_precision
+
     model = _model_for(arguments.adapter, arguments.recipe, arguments.set or [])
     try:
         image = Image.open(arguments.image).convert("RGB") if arguments.image else None
     except OSError as error:
         raise PeftVlmError(f"cannot read image '{arguments.image}': {error}") from None
-    answer = model.generate(images=[image] if image else None, prompts=[arguments.prompt],
-                            max_new_tokens=arguments.max_new_tokens)
+    protocol = _protocol(model, arguments, plain_tokens=32)
+    with evaluation_precision(protocol.precision)():
+        answer = model.generate(images=[image] if image else None, prompts=[arguments.prompt], protocol=protocol)
     print(answer[0].strip())
 
 
+def _protocol(model, arguments: argparse.Namespace, plain_tokens: int):
+    """How to answer: the adapter's recorded protocol (or the recipe's; one plain pass of `plain_tokens` tokens
+    where there is none), in one plain pass with `--plain`, in two with `--describe-first`, with `--max-new-tokens`
+    tokens per answer."""
+    import dataclasses
+
+    from peft_vlm.data.answer_protocol import AnswerProtocol
+
+    protocol = model.answer_protocol or AnswerProtocol(max_new_tokens=plain_tokens)
+    if arguments.plain:
+        protocol = dataclasses.replace(protocol, describe_first=False, answer_after=None)
+    if getattr(arguments, "describe_first", False):
+        protocol = dataclasses.replace(protocol, describe_first=True)
+    if arguments.max_new_tokens is not None:
+        protocol = dataclasses.replace(protocol, max_new_tokens=arguments.max_new_tokens)
+    return protocol
+
+
 def _eval(arguments: argparse.Namespace) -> None:
-    from peft_vlm.recipes import Evaluation, load_recipe
+    from peft_vlm.recipes import Evaluation, answer_protocol, load_recipe
     from peft_vlm.evaluation import vqa
 
     model = _model_for(arguments.adapter, arguments.recipe, arguments.set or [])
     recipe = load_recipe(arguments.recipe, arguments.set or []) if arguments.recipe else {}
+    if recipe:  # answered as the recipe's own evaluation answers (describe, then answer, say)
+        model.answer_protocol = answer_protocol(recipe)
     if arguments.data:
         spec = {"path": arguments.data, "format": arguments.format, "limit": arguments.limit}
     elif arguments.recipe:
@@ -130,12 +153,14 @@ def _eval(arguments: argparse.Namespace) -> None:
     else:
         spec = {"format": "easy_vqa", "split": "test", "limit": arguments.limit}
     figures = {"recipe": f"eval {arguments.adapter}"}
-    # answered as the recipe's own evaluation answers (describe, then answer, say), in the precision it trained in
-    evaluation = Evaluation({"eval": spec, "train": recipe.get("train")})
-    options = {"describe_first": True} if arguments.describe_first else {}
-    figures["accuracy"] = evaluation.answer(model, progress=True, **options)
+    # answered the way the adapter was trained to answer, in the precision it trained in
+    protocol = _protocol(model, arguments, plain_tokens=8)
+    spec.setdefault("batch_size", 64)
+    evaluation = Evaluation({"eval": spec})
+    figures["accuracy"] = evaluation.answer(model, progress=True, protocol=protocol)
     if arguments.grey_image or spec.get("grey_image"):
-        figures["grey_image"] = evaluation.answer(model, replace_image=vqa.grey_image(model), **options)
+        figures["grey_image"] = evaluation.answer(model, replace_image=vqa.grey_image(model), protocol=protocol)
+    print(f"answer protocol: {protocol.describe()}")
     print(format_figures(figures))
     if arguments.perplexity:
         from peft_vlm.data import Collator, SampleEncoder
@@ -160,6 +185,17 @@ def _export(arguments: argparse.Namespace) -> None:
     print(f"exported to {export_transformers(model, arguments.output)}")
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (checked before any model is built)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-vlm",
                                      description="Parameter-efficient fine-tuning of vision-language models")
@@ -177,11 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--recipe", help="take the base model and the eval section from this recipe")
     evaluate.add_argument("--data", help="a labelled data file to evaluate on (default: easy-VQA test)")
     evaluate.add_argument("--format", default="llava", help="format of --data (llava, caption, coco, alpaca)")
-    evaluate.add_argument("--limit", type=int, help="evaluate on this many evenly spaced questions")
+    evaluate.add_argument("--limit", type=_positive_int, help="evaluate on this many evenly spaced questions")
     evaluate.add_argument("--grey-image", action="store_true", help="also answer with a neutral grey image")
     evaluate.add_argument("--perplexity", action="store_true", help="also report loss and perplexity")
     evaluate.add_argument("--describe-first", action="store_true",
-                          help="answer in two passes, describe the image, then answer (a recipe's eval.describe_first)")
+                          help="answer in two passes, describe the image, then answer (for adapters that record no "
+                               "answer protocol)")
+    evaluate.add_argument("--max-new-tokens", type=_positive_int, help="tokens per answer (default: the answer protocol's)")
     evaluate.set_defaults(run=_eval)
 
     generate = commands.add_parser("generate", help="answer a question about an image with a saved adapter")
@@ -189,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--image")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--recipe", help="take the base model from this recipe instead of the adapter file")
-    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--max-new-tokens", type=_positive_int, help="tokens per answer (default: the answer protocol's, 32 "
+                                                             "without one)")
     generate.set_defaults(run=_generate)
 
     info = commands.add_parser("info", help="show what an adapter file holds")
@@ -204,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     for command in (train, evaluate, generate, export):
         command.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value")
+    for command in (evaluate, generate):
+        command.add_argument("--plain", action="store_true",
+                             help="answer in one plain pass, not the way the adapter file says it was trained (e.g. "
+                                  "describe the image first)")
     return parser
 
 

@@ -23,6 +23,7 @@ Any value can be overridden from the command line: `--set train.max_steps=5 --se
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -381,6 +382,24 @@ def evaluation_precision(mixed_precision: str | None):
     return contextlib.nullcontext
 
 
+def answer_protocol(recipe: dict):
+    """How the recipe's model is trained to answer, which its adapter file records: the eval section's answer
+    options (`describe_first`, `answer_after`, `max_new_tokens`, 8 by default), else describe-first where the
+    training data is (`data.*.options.describe_first`), in the training run's precision."""
+    from peft_vlm.data.answer_protocol import AnswerProtocol
+
+    spec = recipe.get("eval") or {}
+    options = {key: spec[key] for key in ("describe_first", "answer_after", "max_new_tokens")
+               if spec.get(key) is not None}
+    last = stages({"name": "", **recipe})[-1]  # the protocol of the last stage's data and precision
+    if "describe_first" not in options:
+        data = last["data"] or {}
+        options["describe_first"] = any(bool(((data.get(stream) or {}).get("options") or {}).get("describe_first"))
+                                        for stream in STREAMS)
+    options.setdefault("max_new_tokens", 8)
+    return AnswerProtocol(**options, precision=(last["train"] or {}).get("mixed_precision"))
+
+
 def accuracy_curve(model, evaluation: "Evaluation", output_dir: str) -> list:
     """The trainer callbacks of `eval.curve: {every, per_type}` (none without it); its first point is the model
     before training."""
@@ -390,35 +409,35 @@ def accuracy_curve(model, evaluation: "Evaluation", output_dir: str) -> list:
     from peft_vlm.evaluation.curve import AccuracyCurve, evenly_by_type
 
     sample = evenly_by_type(evaluation.questions, int(curve.get("per_type", 40)))
-    tracker = AccuracyCurve(sample, int(curve["every"]), output_dir, batch_size=evaluation.batch_size,
-                            **evaluation.answer_options)
-    with evaluation.precision():
+    tracker = AccuracyCurve(sample, int(curve["every"]), output_dir, batch_size=evaluation.batch_size)
+    precision = evaluation_precision(model.answer_protocol.precision if model.answer_protocol else None)
+    with precision():
         tracker.measure(model, 0)
 
     def evaluate(trainer, step):
-        with evaluation.precision():
+        with precision():
             tracker(trainer, step)
 
     return [evaluate]
 
 
 class Evaluation:
-    """The recipe's `eval` section: its questions, in the precision training ran in."""
+    """The recipe's `eval` section: its questions and batch size."""
 
     def __init__(self, recipe: dict):
         self.spec = recipe.get("eval") or {}
         self.questions = evaluation_questions(self.spec) if self.spec else []
-        self.precision = evaluation_precision((recipe.get("train") or {}).get("mixed_precision"))
         self.batch_size = int(self.spec.get("batch_size", 16))
-        self.answer_options = {key: self.spec[key] for key in ("max_new_tokens", "answer_after", "describe_first")
-                               if self.spec.get(key) is not None}
 
-    def answer(self, model, count: bool | int = True, **options):
+    def answer(self, model, count: bool | int = True, protocol=None, **options):
+        """`vqa_accuracy` on the first `count` questions (all for `true`), answered by `protocol` (default: the
+        model's `answer_protocol`) in the protocol's precision."""
         from peft_vlm.evaluation import vqa
 
-        with self.precision():
+        protocol = protocol or getattr(model, "answer_protocol", None)
+        with evaluation_precision(protocol.precision if protocol else None)():
             return vqa.vqa_accuracy(model, first(self.questions, count), batch_size=self.batch_size,
-                                    **{**self.answer_options, **options})
+                                    protocol=protocol or False, **options)
 
 
 def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
@@ -437,11 +456,12 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
     set_seed(int((recipe.get("train") or {}).get("seed", TrainConfig.seed)))
     model = build_model(recipe.get("model") or {})
     model.resize = (stages(recipe)[0]["data"] or {}).get("resize") or model.resize  # the zero-shot run sees it too
+    model.answer_protocol = answer_protocol(recipe)  # recorded in the adapter file, so that it answers the same way
     evaluation = Evaluation(recipe)
     if evaluation.questions and evaluation.spec.get("zero_shot"):
         # the untouched model was never taught to describe first: its plain answers are scored
-        figures["zero_shot"] = evaluation.answer(model, evaluation.spec["zero_shot"], progress=True, answer_after=None,
-                                                 describe_first=False)
+        plain = dataclasses.replace(model.answer_protocol, describe_first=False, answer_after=None)
+        figures["zero_shot"] = evaluation.answer(model, evaluation.spec["zero_shot"], progress=True, protocol=plain)
         log(f"zero-shot (untouched model): {figures['zero_shot']}")
     trainer, result = train_stages(model, recipe, evaluation, log)
     if not trainer.accelerator.is_main_process:

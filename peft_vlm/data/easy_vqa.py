@@ -22,7 +22,8 @@ from typing import NamedTuple
 
 from peft_vlm.data.formats import SampleList, caption_messages
 from peft_vlm.errors import ConfigError
-from peft_vlm.data.prompting import IMAGE_PLACEHOLDER, described_question
+from peft_vlm.data.answer_protocol import described_question
+from peft_vlm.data.prompting import IMAGE_PLACEHOLDER
 
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
@@ -64,7 +65,8 @@ def question_type(question: str) -> str:
 
 
 def instruction_samples(split: str, limit: int | None = None, type_weights: dict[str, float] | None = None,
-                        seed: int = 0, balance_yes_no: bool = False, describe_first: bool = False) -> SampleList:
+                        seed: int = 0, balance_yes_no: bool = False, describe_first: bool = False,
+                        negated_weight: float = 1.0) -> SampleList:
     """One sample per question (the first `limit`). `type_weights` maps a question type to how many copies of each
     of its questions to keep: 0.25 keeps a seeded quarter, 2 doubles them, 1.5 doubles a seeded half; types not
     named keep weight 1. Three in four questions are yes/no and say little about the image, so a short run learns
@@ -78,8 +80,16 @@ def instruction_samples(split: str, limit: int | None = None, type_weights: dict
     "The image shows a red circle. is there ..."), to train describe-then-answer: evaluate with `eval.describe_first`,
     where the model's own description of the image takes its place. The description says what the image's questions
     decide ("A red shape." when they leave the shape open); the 0.4% of questions on images that they leave wholly
-    open are left out."""
+    open are left out.
+
+    `negated_weight` weights the yes/no questions that ask about absence ("is no red shape present?", half of
+    them), as `type_weights` does (0: none, for the first stage of a curriculum). Balanced, the answer is "the
+    question names the image's colour or shape" flipped by the negation, a parity of the two: with as many negated
+    questions as plain ones, neither the comparison alone nor the negation alone predicts the answer, so the
+    gradient has no first-order signal to start from (benchmarks/VISION_LEVERS.md, one pass)."""
     weights = dict(type_weights or {})
+    if not 0 <= negated_weight:
+        raise ConfigError(f"negated_weight={negated_weight} must be a non-negative number")
     unknown = sorted(set(weights) - set(QUESTION_TYPES))
     if unknown or any(w < 0 for w in weights.values()):
         raise ConfigError(f"type_weights={weights} needs non-negative weights for types among "
@@ -96,6 +106,8 @@ def instruction_samples(split: str, limit: int | None = None, type_weights: dict
                 continue
             text = described_question(description, q.text)
         weight = weights.get(question_type(q.text), 1.0) * balance.get((q.text, q.answer), 1.0)
+        if question_type(q.text) == "yes/no" and _attributes_named(q.text)[1]:
+            weight *= negated_weight
         copies = int(weight) + (draw.random() < weight - int(weight))
         samples += [{"messages": [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{text}"},
                                   {"role": "assistant", "content": q.answer}],

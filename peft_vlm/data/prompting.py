@@ -131,10 +131,3 @@ def supervised_span(labels: "torch.Tensor") -> tuple["torch.Tensor", int]:
     start = max(first - 1, 0)
     return labels[:, start:], labels.shape[1] - start
 
-
-def described_question(description: str, question: str) -> str:
-    """The question after a description of its image, given as text: "The image shows a red circle. is there ...".
-    Training on the true description and answering with the model's own (describe, then answer: two passes) lets
-    the frozen model compare words with words, which it does well (benchmarks/VISION_LEVERS.md)."""
-    description = description.strip()
-    return f"The image shows {description[:1].lower()}{description[1:]} {question}"

@@ -10,6 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
+from peft_vlm.data.answer_protocol import AnswerProtocol
 from peft_vlm.evaluation.vqa import Question, grey_image, vqa_accuracy
 
 
@@ -31,9 +32,9 @@ class AccuracyCurve:
     adds a point by hand (e.g. step 0, before training)."""
 
     def __init__(self, questions: Sequence[Question], every: int, output_dir: str | Path, batch_size: int = 32,
-                 **answer_options):
+                 protocol: AnswerProtocol | None = None):
         self.questions, self.every, self.batch_size = list(questions), every, batch_size
-        self.answer_options = answer_options  # vqa_accuracy's max_new_tokens, answer_after, describe_first
+        self.protocol = protocol  # how to answer; None: the model's own `answer_protocol`
         self.output_dir = Path(output_dir)
         self.points: list[dict] = []  # {"step", "image": "real"/"grey", kind: accuracy, ...}
 
@@ -45,7 +46,7 @@ class AccuracyCurve:
     def measure(self, model, step: int) -> None:
         for image, replace in (("real", None), ("grey", grey_image(model))):
             accuracy = vqa_accuracy(model, self.questions, batch_size=self.batch_size, replace_image=replace,
-                                    **self.answer_options)
+                                    protocol=self.protocol)
             self.points.append({"step": step, "image": image, **accuracy.as_dict()})
         self.write()
 

@@ -13,9 +13,9 @@ from typing import Callable, Iterable, Sequence
 import torch
 from PIL import Image
 
+from peft_vlm.data.answer_protocol import AnswerProtocol
+from peft_vlm.data.prompting import IMAGE_PLACEHOLDER
 from peft_vlm.data.report import Skipped
-from peft_vlm.data.formats import CAPTION_PROMPT
-from peft_vlm.data.prompting import IMAGE_PLACEHOLDER, described_question
 
 ARTICLES = {"a", "an", "the"}
 GREY = (128, 128, 128)  # neutral: a black image is unlike anything in training and makes models babble
@@ -77,26 +77,30 @@ def vqa_accuracy(
     model,
     questions: Sequence[Question],
     batch_size: int = 16,
-    max_new_tokens: int = 8,
     replace_image: Image.Image | None = None,
     progress: bool = False,
-    answer_after: str | None = None,
-    describe_first: bool = False,
+    protocol: AnswerProtocol | bool | None = None,
 ) -> Accuracy:
-    """Greedy answers to every question; `replace_image` (e.g. `grey_image(model)`) stands in for every real image;
-    `answer_after` scores what follows that marker in the generation (a model trained to reason, then answer);
-    `describe_first` answers in two passes: the model describes the image (CAPTION_PROMPT), then answers the
-    question with its description before it as text (`described_question`, as easy-VQA's `describe_first` trains);
-    each distinct image (path or object) is described once, however many questions ask about it, and each distinct
-    input (image, prompt) is answered once, however many questions share it: greedy answers to the same input are
-    the same (with `replace_image` every question sees one image, so a question text is answered once)."""
+    """Greedy answers to every question, answered the way `protocol` says (by default the model's
+    `answer_protocol`, the one its adapter file recorded; `False`: one plain pass of up to 8 tokens).
+
+    `replace_image` (e.g. `grey_image(model)`) stands in for every real image. A protocol with `describe_first`
+    answers in two passes: the model describes the image, then answers the question with its description before it
+    as text; each distinct image (path or object) is described once, however many questions ask about it. With
+    `answer_after`, what follows that marker is scored (a missing marker is no answer). Each distinct input (image,
+    prompt) is answered once, however many questions share it: greedy answers to the same input are the same (with
+    `replace_image` every question sees one image, so a question text is answered once)."""
+    if protocol is None or protocol is True:
+        protocol = getattr(model, "answer_protocol", None)
+    protocol = protocol or AnswerProtocol(max_new_tokens=8)
     model.eval()
     accuracy = Accuracy()
     images_of = [None if q.image is None else (replace_image or q.image) for q in questions]
-    descriptions = describe_images(model, images_of, batch_size) if describe_first else {}
     prompts = [q.question for q in questions]
-    if describe_first:
-        prompts = [described_question(descriptions[image_key(i)], p) for i, p in zip(images_of, prompts)]
+    if protocol.describe_first:
+        descriptions = describe_images(model, images_of, batch_size, protocol)
+        prompts = [p if i is None else protocol.question_after(descriptions[image_key(i)], p)
+                   for i, p in zip(images_of, prompts)]
     inputs = [(image_key(image), prompt) for image, prompt in zip(images_of, prompts)]
     first_of: dict = {}
     for index, key in enumerate(inputs):
@@ -111,10 +115,10 @@ def vqa_accuracy(
     for start in batches:
         keys, indices = zip(*distinct[start : start + batch_size])
         answers = model.generate(images=[images_of[i] for i in indices], prompts=[prompts[i] for i in indices],
-                                 max_new_tokens=max_new_tokens)  # paths open in generate
+                                 max_new_tokens=protocol.max_new_tokens, protocol=False)  # paths open in generate
         answer_of.update(zip(keys, answers))
     for q, key in zip(questions, inputs):
-        accuracy.add(q.kind, q.answer, answer_of[key], q.question, answer_after)
+        accuracy.add(q.kind, q.answer, answer_of[key], q.question, protocol.answer_after)
     return accuracy
 
 
@@ -123,14 +127,14 @@ def image_key(image) -> object:
     return str(image) if isinstance(image, (str, os.PathLike)) else id(image)
 
 
-def describe_images(model, images: Sequence, batch_size: int, max_new_tokens: int = 12) -> dict[object, str]:
-    """The model's description (CAPTION_PROMPT, greedy) of each distinct image, by `image_key`."""
-    distinct = list({image_key(image): image for image in images}.items())
+def describe_images(model, images: Sequence, batch_size: int, protocol: AnswerProtocol) -> dict[object, str]:
+    """The model's description (the protocol's describe prompt, greedy) of each distinct image, by `image_key`."""
+    distinct = list({image_key(image): image for image in images if image is not None}.items())
     descriptions = {}
     for start in range(0, len(distinct), batch_size):
         keys, chunk = zip(*distinct[start : start + batch_size])
-        captions = model.generate(images=list(chunk), prompts=[CAPTION_PROMPT] * len(chunk),
-                                  max_new_tokens=max_new_tokens)
+        captions = model.generate(images=list(chunk), prompts=[protocol.describe_prompt] * len(chunk),
+                                  max_new_tokens=protocol.describe_max_new_tokens, protocol=False)
         descriptions.update(zip(keys, captions))
     return descriptions
 

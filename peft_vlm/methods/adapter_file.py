@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from peft_vlm.data.answer_protocol import AnswerProtocol
 from peft_vlm.version import __version__
 from peft_vlm.errors import AdapterFileError, AdapterMismatchError, ConfigError, UnknownMethodError
 from peft_vlm.methods.apply import apply, is_merged, rollback_on_error
@@ -111,6 +112,9 @@ def adapter_metadata(model: nn.Module) -> dict[str, str]:
     }
     if hasattr(model, "base_spec"):  # how to rebuild the base, for `peft-vlm generate ADAPTER`
         metadata["base_model"] = json.dumps(model.base_spec())
+    protocol = getattr(model, "answer_protocol", None)
+    if protocol is not None:  # how the model was trained to answer, for generate and eval after loading
+        metadata["answer_protocol"] = json.dumps(protocol.to_dict())
     return metadata
 
 
@@ -187,6 +191,13 @@ def _check_metadata(raw: dict[str, str], tensors: dict[str, torch.Tensor], targe
     metadata = {**raw, "methods": methods, "groups": groups, "base": base}
     if base_model is not None:
         metadata["base_model"] = base_model
+    protocol = _json_field(raw, "answer_protocol", dict, target, required=False)
+    if protocol is not None:
+        try:
+            metadata["answer_protocol"] = AnswerProtocol.from_dict(protocol, f"'{target}': metadata field "
+                                                                             "'answer_protocol'")
+        except ConfigError as error:
+            raise AdapterFileError(str(error)) from None
     return metadata
 
 
@@ -260,6 +271,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True)
                 parameters[name].copy_(tensor.to(parameters[name].dtype))
     if "base_model" in metadata and hasattr(model, "resize"):  # preprocess images as the adapter was trained
         model.resize = metadata["base_model"].get("resize", "resize")
+    if hasattr(model, "answer_protocol"):  # and answer as it was trained (files without one: one plain pass)
+        model.answer_protocol = metadata.get("answer_protocol")
     return model
 
 
@@ -280,6 +293,8 @@ def describe_adapter(path: str | os.PathLike) -> str:
         "methods:",
     ]
     lines += [f"  - {entry['method']}: {json.dumps(entry['config'], sort_keys=True)}" for entry in metadata["methods"]]
+    protocol = metadata.get("answer_protocol")
+    lines.append("answer protocol: " + (protocol.describe() if protocol else "none recorded (one plain pass)"))
     lines.append("parameters (method/group):")
     lines += [f"  {owner:<32} {count:>14,}" for owner, count in sorted(counts.items())]
     lines.append(f"  {'total':<32} {sum(counts.values()):>14,}")

@@ -300,18 +300,6 @@ class TransformersVLM(VisionLanguageModule):
             output = self.model.generate(**inputs)
         return output[:, input_ids.shape[1]:]
 
-    @torch.no_grad()
-    def generate(self, images: Sequence[Any] | None = None, prompts: Sequence[str] | str | None = None,
-                 max_new_tokens: int = 32, chat: bool | None = None, **generation_options) -> list[str]:
-        """Answer each prompt about its image(s)."""
-        if prompts is None:
-            raise ConfigError("generate() needs prompts=")
-        if isinstance(prompts, str):
-            prompts, images = [prompts], None if images is None else [images]
-        batch = self.tokenize(prompts, images, chat=chat)
-        output_ids = self.generate_ids(**batch, max_new_tokens=max_new_tokens, **generation_options)
-        return self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)
-
 
 def _as_list(images: Any) -> list:
     if images is None:

@@ -337,25 +337,6 @@ class VisionLanguageModel(VisionLanguageModule):
             )
 
     @torch.no_grad()
-    def generate(
-        self,
-        images: Sequence[Any] | None = None,
-        prompts: Sequence[str] | str | None = None,
-        max_new_tokens: int = 32,
-        chat: bool | None = None,
-        **generation_options,
-    ) -> list[str]:
-        """Answer each prompt about its image(s) (paths or PIL images, see `tokenize`) with the language model's
-        `generate` (KV cache on); prompts and images are prepared as in training."""
-        if prompts is None:
-            raise ConfigError("generate() needs prompts=")
-        if isinstance(prompts, str):
-            prompts, images = [prompts], None if images is None else [images]
-        batch = self.tokenize(prompts, images, chat=chat)
-        output_ids = self.generate_ids(**batch, max_new_tokens=max_new_tokens, **generation_options)
-        return self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)
-
-    @torch.no_grad()
     def generate_ids(self, input_ids, attention_mask=None, pixel_values=None, image_rows=None, **generation_options):
         """New token ids for a batch from `tokenize` (greedy unless sampling options are given)."""
         device = self._lm_device()

@@ -1,7 +1,9 @@
 """VQA scoring: normalised exact match, and the answer after a marker for models that describe first."""
 from peft_vlm.data.formats import CAPTION_PROMPT
-from peft_vlm.data.prompting import described_question
+from peft_vlm.data.answer_protocol import AnswerProtocol, described_question
 from peft_vlm.evaluation.vqa import Accuracy, Question, vqa_accuracy
+
+DESCRIBE = AnswerProtocol(describe_first=True, max_new_tokens=8)
 
 
 def test_answer_after_a_marker_scores_only_what_follows_it():
@@ -31,7 +33,7 @@ class Describer:
     def eval(self):
         return self
 
-    def generate(self, images, prompts, max_new_tokens):
+    def generate(self, images, prompts, max_new_tokens, protocol=None):
         self.prompts.append(list(prompts))
         return ["A red circle." if p == CAPTION_PROMPT else ("yes" if "shows a red circle" in p else "no")
                 for p in prompts]
@@ -44,7 +46,7 @@ def test_describe_first_answers_after_the_models_own_description():
     plain = vqa_accuracy(model, questions)
     assert model.prompts == [["is there a red shape?", "is there a blue shape?"]] and plain["yes/no"] == 0.5
     model.prompts.clear()
-    described = vqa_accuracy(model, questions, describe_first=True)
+    described = vqa_accuracy(model, questions, protocol=DESCRIBE)
     assert model.prompts == [[CAPTION_PROMPT] * 2, [described_question("A red circle.", q.question) for q in questions]]
     assert model.prompts[1][0] == "The image shows a red circle. is there a red shape?"
     assert described["yes/no"] == 0.5  # "yes" to both: the stand-in ignores the question, the scoring does not
@@ -59,7 +61,7 @@ class ImageDescriber(Describer):
         super().__init__()
         self.described = []
 
-    def generate(self, images, prompts, max_new_tokens):
+    def generate(self, images, prompts, max_new_tokens, protocol=None):
         self.prompts.append(list(prompts))
         if prompts[0] == CAPTION_PROMPT:
             self.described += list(images)
@@ -71,7 +73,7 @@ def test_describe_first_describes_each_distinct_image_once_and_gives_each_questi
     colours = ("red", "blue", "red", "green", "blue", "red")
     questions = [Question(f"is there a {c} shape?", "yes", f"{c}.png", "yes/no") for c in colours]
     model = ImageDescriber()
-    accuracy = vqa_accuracy(model, questions, batch_size=4, describe_first=True)
+    accuracy = vqa_accuracy(model, questions, batch_size=4, protocol=DESCRIBE)
     assert model.described == ["red.png", "blue.png", "green.png"] and accuracy["yes/no"] == 1.0
     # the same image asked the same question is one input, answered once and scored for every question
     assert model.prompts[1] == [f"The image shows a {c} circle. is there a {c} shape?"
@@ -80,7 +82,7 @@ def test_describe_first_describes_each_distinct_image_once_and_gives_each_questi
 
     model = ImageDescriber()
     grey = object()
-    accuracy = vqa_accuracy(model, questions, batch_size=4, replace_image=grey, describe_first=True)
+    accuracy = vqa_accuracy(model, questions, batch_size=4, replace_image=grey, protocol=DESCRIBE)
     assert model.described == [grey]  # one grey image, described once, for every question
 
 
@@ -89,7 +91,7 @@ def test_each_distinct_input_is_answered_once_and_every_question_gets_its_answer
                  for c in ("red", "blue", "red", "blue", "red")]
     questions.append(Question("is there a red shape?", "yes", "blue.png", "yes/no"))  # same text, other image
     model = ImageDescriber()
-    accuracy = vqa_accuracy(model, questions, batch_size=2, describe_first=True)
+    accuracy = vqa_accuracy(model, questions, batch_size=2, protocol=DESCRIBE)
     answered = [p for batch in model.prompts if batch[0] != CAPTION_PROMPT for p in batch]
     assert answered == ["The image shows a red circle. is there a red shape?",
                         "The image shows a red circle. is there a blue shape?",
@@ -99,6 +101,6 @@ def test_each_distinct_input_is_answered_once_and_every_question_gets_its_answer
 
     model = ImageDescriber()
     grey = object()
-    accuracy = vqa_accuracy(model, questions, batch_size=2, replace_image=grey, describe_first=True)
+    accuracy = vqa_accuracy(model, questions, batch_size=2, replace_image=grey, protocol=DESCRIBE)
     answered = [p for batch in model.prompts if batch[0] != CAPTION_PROMPT for p in batch]
     assert len(answered) == 2 and accuracy.total["all"] == 6  # two question texts, one grey image

@@ -158,9 +158,9 @@ def test_joint_recipe_draws_accuracy_against_steps_and_checks_the_reload_on_the_
     assert (tiny_files / "out" / "accuracy_curve.png").stat().st_size > 1000
 
 
-def test_eval_command_answers_as_the_recipes_evaluation_does(tiny_files, tiny_vit, monkeypatch, capsys):
-    """An adapter trained to describe, then answer, is evaluated that way by `peft-vlm eval --recipe`, as the
-    training run's own evaluation did; without a recipe, `--describe-first` asks for it."""
+def test_an_adapter_answers_as_it_was_trained_with_or_without_its_recipe(tiny_files, tiny_vit, monkeypatch, capsys):
+    """An adapter trained to describe, then answer, records that protocol: `peft-vlm eval ADAPTER` alone asks the
+    same prompts and gives the same figures as `--recipe`, `peft-vlm info` shows it, `--plain` answers in one pass."""
     from peft_vlm.data.formats import CAPTION_PROMPT
 
     recipe = str(RECIPES / "llama_adapter_v2_joint.yaml")
@@ -171,20 +171,29 @@ def test_eval_command_answers_as_the_recipes_evaluation_does(tiny_files, tiny_vi
     original = pv.VisionLanguageModel.generate
 
     def generate(self, images=None, prompts=(), **options):
-        asked.extend(prompts)
+        asked.append(list(prompts))
         return original(self, images=images, prompts=prompts, **options)
 
     monkeypatch.setattr(pv.VisionLanguageModel, "generate", generate)
     adapter = str(tiny_files / "out" / "adapter.safetensors")
     base = ["--set", f"model.language_model={tiny_files / 'lm'}", "--set", f"model.vision={tiny_vit}"]
+
+    def figures(out):
+        return [line for line in out.splitlines() if line.startswith(("trained,", "questions:", "answer protocol"))]
+
     capsys.readouterr()
     assert cli(["eval", adapter, "--recipe", recipe, "--limit", "4", *base]) == 0
-    assert "trained, grey image" in capsys.readouterr().out  # the recipe's grey_image
-    captions = asked.count(CAPTION_PROMPT)
-    assert captions >= 2 and all(p.startswith("The image shows ") for p in asked if p != CAPTION_PROMPT)
+    with_recipe, asked_with_recipe = figures(capsys.readouterr().out), list(asked)
+    assert any(set(batch) == {CAPTION_PROMPT} for batch in asked)  # describe, then answer
+    assert "trained, grey image" in with_recipe[2]  # the recipe's grey_image
+    asked.clear()
+    assert cli(["eval", adapter, "--limit", "4", "--grey-image", *base]) == 0
+    assert figures(capsys.readouterr().out) == with_recipe and asked == asked_with_recipe
+    assert with_recipe[0].startswith("answer protocol: two passes: describe ('Describe the image briefly.'")
 
     asked.clear()
-    assert cli(["eval", adapter, "--limit", "4", *base]) == 0
-    assert CAPTION_PROMPT not in asked  # the adapter file alone does not say how it was trained to answer
-    assert cli(["eval", adapter, "--limit", "4", "--describe-first", *base]) == 0
-    assert CAPTION_PROMPT in asked
+    assert cli(["eval", adapter, "--limit", "4", "--plain", *base]) == 0
+    assert all(CAPTION_PROMPT not in batch for batch in asked)
+    assert "answer protocol: one pass" in capsys.readouterr().out
+    assert cli(["info", adapter]) == 0
+    assert "answer protocol: two passes" in capsys.readouterr().out
