@@ -1,11 +1,15 @@
-"""Method comparison on the embedded default: the same steps on the same easy-VQA data for every method.
+"""Method comparison on the embedded default: every method trained on easy-VQA the way its paper trains it.
 
-    python benchmarks/bench_compare_methods.py [--steps 300] [--slow-steps 100] [--limit 1000] [--only lora,qlora]
-                                               [--jobs 2] [--resume]
+    python benchmarks/bench_compare_methods.py [--only llava,expert] [--seeds 0,1] [--limit 2000] [--jobs 2]
+                                               [--resume] [--max-minutes 30]
 
-Each method runs in its own process (so peak memory is its own) through the `llama_adapter_v2_joint` recipe with the
-method swapped in: caption and instruction batches in the same order, the same evaluation questions. Prints a table
-and appends it to benchmarks/RESULTS.md with the command, the machine and the date.
+Each method has its own recipe (`recipes/easy_vqa/`, the main job for LLaMA-Adapter V2): which streams train which
+parameter group, the schedule, and the answer protocol, one pass from the image where the paper answers in one pass,
+describe-then-answer for V2 (its expert-context section). Each (method, seed) runs `peft-vlm train` in its own
+process and leaves its `metrics.json`. The table gives, per method, the minimum over seeds of each accuracy (2,000
+evenly spaced test questions), the grey-image figures beside it, steps, training time, trainable parameters, adapter
+size and the number of passes; `benchmarks/figures/compare_methods.png` draws the same as grouped bars. The table is
+appended to benchmarks/RESULTS.md with the command, the machine and the date.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import argparse
 import json
 import os
 import platform
-import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -22,149 +26,171 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "llama_adapter_v2_joint.yaml"
+KINDS = ("all", "color", "shape", "yes/no")
+FIGURE = Path(__file__).parent / "figures" / "compare_methods.png"
 
-# name -> recipe overrides. Every setup trains its own "vision" group on caption batches and its "language" group on
-# instruction batches, except where it has a single group (then every batch trains it).
+# name -> recipe, each as its paper trains and answers
 METHODS = {
-    "LLaMA-Adapter v1 multimodal": ["methods=[llama-adapter-v1-multimodal]"],
-    "LLaMA-Adapter V2 (paper)": ["methods=[llama-adapter-v2]"],
-    "LLaMA-Adapter V2 (official code)": ["methods=[llama-adapter-v2-official]"],
-    "LLaVA projector + LoRA": ["methods=[lora]"],
-    "QLoRA (4-bit base + LoRA)": ["methods=[lora]", "model.load_in_4bit=true"],
-    # The expert is the model's only adapter, so it takes the "language" role: instruction batches train it, caption
-    # batches train the connector.
-    "visual expert, low rank": [
-        "methods=[{method: visual_expert, rank: 8, shared_image_position: true, group: language}]"
-    ],
-    # Flamingo: the resampler is the connector (caption batches), the gated blocks take the language role.
-    "Flamingo (resampler + gated xattn)": [
-        "model.connector=perceiver_resampler", "methods=[{method: gated_cross_attention, every: 4, group: language}]"
-    ],
-    # BLIP-2 trains the Q-Former alone with the LM frozen: one group, trained on the instruction batches. Its LM
-    # never learns to answer after a description (nothing in it trains), so it answers directly, as in its paper.
-    "BLIP-2 Q-Former": [
-        "model.connector=qformer", "methods=[]", "data.captions=null", "train.caption_groups=[]",
-        "train.instruction_groups=[vision]", "data.instructions.options={balance_yes_no: true}",
-        "eval.describe_first=false"
-    ],
+    "LLaMA-Adapter V2 (main job)": "recipes/llama_adapter_v2_joint.yaml",
+    "LLaMA-Adapter V2 (paper layout)": "recipes/easy_vqa/llama_adapter_v2.yaml",
+    "LLaMA-Adapter V2 (official code)": "recipes/easy_vqa/llama_adapter_v2_official.yaml",
+    "LLaVA projector + LoRA": "recipes/easy_vqa/llava_lora.yaml",
+    "QLoRA (4-bit base + LoRA)": "recipes/easy_vqa/qlora.yaml",
+    "CogVLM visual expert + LoRA": "recipes/easy_vqa/cogvlm_expert.yaml",
+    "LLaMA-Adapter v1 multimodal": "recipes/easy_vqa/llama_adapter_v1.yaml",
+    "Flamingo (resampler + gated xattn)": "recipes/easy_vqa/flamingo.yaml",
+    "BLIP-2 Q-Former": "recipes/easy_vqa/blip2_qformer.yaml",
 }
 
-# several times the others' step time on CPU (large trained blocks; Flamingo's 64 latents are also in the sequence)
-SLOWEST = ("Flamingo (resampler + gated xattn)", "LLaMA-Adapter V2 (official code)")
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
-def run_one(name: str, overrides: list[str], output: Path) -> dict:
-    """Train and evaluate one method in this process; returns its figures."""
-    import torch
+def train_one(recipe: str, output: Path, seed: int, limit: int, threads: int, max_minutes: float | None) -> dict:
+    """`peft-vlm train RECIPE` in its own process; its metrics.json (or the reason it has none)."""
+    overrides = [f"train.output_dir={output}", f"train.seed={seed}", f"eval.limit={limit}", "eval.zero_shot=false",
+                 "train.progress_bar=false", "train.report_to=null"]
+    command = [sys.executable, "-m", "peft_vlm.cli", "train", str(ROOT / recipe),
+               *[item for override in overrides for item in ("--set", override)]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
+    log = output.parent / f"{output.name}.log"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as handle:
+        try:
+            completed = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                       timeout=max_minutes * 60 * 2 if max_minutes else None)
+        except subprocess.TimeoutExpired:
+            return {"error": f"stopped after {2 * max_minutes:.0f} minutes (see {log})"}
+    metrics = output / "metrics.json"
+    if completed.returncode or not metrics.is_file():
+        return {"error": f"exit {completed.returncode} (see {log})"}
+    return json.loads(metrics.read_text())
 
-    from peft_vlm.recipes import load_recipe, run_recipe
 
-    fixed = [f"train.output_dir={output}", "train.checkpoint_every=0", "eval.zero_shot=false",
-             "eval.verify_reload=false", "eval.curve=null"]
-    recipe = load_recipe(RECIPE, [*overrides, *fixed])
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    figures = run_recipe(recipe, log=lambda *_: None)
-    peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    steps = recipe["train"]["max_steps"]
+def summary(name: str, runs: list[dict]) -> dict:
+    """Per method: the minimum over seeds of each real-image accuracy, the median of the grey-image ones."""
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        return {"method": name, "error": "; ".join(r["error"] for r in runs)}
+    protocol = good[0].get("answer_protocol") or {}
     return {
         "method": name,
-        "steps": steps,
-        "accuracy": figures["accuracy"].as_dict(),
-        "grey_image": figures["grey_image"].as_dict(),
-        "trainable_parameters": figures["trainable_parameters"],
-        "adapter_bytes": figures["adapter_bytes"],
-        "seconds_per_step": figures["train_seconds"] / steps,
-        "peak_memory_bytes": peak,
+        "seeds": len(good),
+        "steps": good[0]["steps"],
+        "passes": 2 if protocol.get("describe_first") else 1,
+        "accuracy": {k: min(r["accuracy"].get(k, float("nan")) for r in good) for k in KINDS},
+        "accuracy_max": {k: max(r["accuracy"].get(k, float("nan")) for r in good) for k in KINDS},
+        "grey_image": {k: statistics.median(r["grey_image"].get(k, float("nan")) for r in good) for k in KINDS},
+        "train_minutes": max(r["train_seconds"] for r in good) / 60,
+        "trainable_parameters": good[0]["trainable_parameters"],
+        "adapter_bytes": good[0]["adapter_bytes"],
     }
 
 
+def passes_bar(row: dict) -> bool:
+    """>= 90% on every type (min over seeds), colour and shape >= 20 points over the grey image."""
+    acc, grey = row["accuracy"], row["grey_image"]
+    return (all(acc[k] >= 0.9 for k in KINDS)
+            and all(acc[k] - grey[k] >= 0.2 for k in ("color", "shape")))
+
+
 def table(rows: list[dict]) -> str:
-    kinds = ["all", "color", "shape", "yes/no"]
-    header = ("| method | steps | " + " | ".join(f"acc {k}" for k in kinds)
-              + " | grey-image acc (all / color / shape) | trainable | adapter MB | s/step | peak mem GB |")
+    header = ("| method | passes | steps | seeds | " + " | ".join(f"{k} (min)" for k in KINDS)
+              + " | grey: " + " / ".join(KINDS) + " | >= 90% every type | training min | trainable | adapter MB |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
-        acc = " | ".join(f"{100 * r['accuracy'].get(k, float('nan')):.1f}" for k in kinds)
-        grey = " / ".join(f"{100 * r['grey_image'].get(k, float('nan')):.1f}" for k in ("all", "color", "shape"))
-        lines.append(f"| {r['method']} | {r.get('steps', '')} | {acc} | {grey} | {r['trainable_parameters']:,} | "
-                     f"{r['adapter_bytes'] / 1e6:.2f} | "
-                     f"{r['seconds_per_step']:.2f} | {r['peak_memory_bytes'] / 1e9:.2f} |")
+        if "error" in r:
+            lines.append(f"| {r['method']} | | | 0 | " + " | ".join("-" for _ in KINDS) + f" | {r['error']} | | | | |")
+            continue
+        acc = " | ".join(f"{100 * r['accuracy'][k]:.1f}" for k in KINDS)
+        grey = " / ".join(f"{100 * r['grey_image'][k]:.1f}" for k in KINDS)
+        lines.append(f"| {r['method']} | {r['passes']} | {r['steps']} | {r['seeds']} | {acc} | {grey} | "
+                     f"{'yes' if passes_bar(r) else 'no'} | {r['train_minutes']:.1f} | "
+                     f"{r['trainable_parameters']:,} | {r['adapter_bytes'] / 1e6:.2f} |")
     return "\n".join(lines)
 
 
-def main() -> None:
+def chart(rows: list[dict], path: Path = FIGURE) -> Path:
+    """Grouped bars: per method, overall / colour / shape / yes-no with the real image (min over seeds) and, hatched
+    and paler beside them, with a grey image; the 90% bar as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if "error" not in r]
+    colours = ("#4c72b0", "#dd8452", "#55a868", "#c44e52")
+    width = 0.1
+    figure, axes = plt.subplots(figsize=(max(8, 1.6 * len(rows)), 4.8))
+    for index, kind in enumerate(KINDS):
+        offsets = [m + (index - 3.5) * width for m in range(len(rows))]
+        axes.bar(offsets, [100 * r["accuracy"][kind] for r in rows], width, color=colours[index],
+                 label=f"{kind}, real image")
+        axes.bar([o + 4 * width for o in offsets], [100 * r["grey_image"][kind] for r in rows], width,
+                 color=colours[index], alpha=0.35, hatch="//", label=f"{kind}, grey image")
+    axes.axhline(90, color="black", linewidth=0.8, linestyle="--")
+    axes.set_xticks(range(len(rows)))
+    axes.set_xticklabels([f"{r['method']}\n({r['passes']} pass{'es' if r['passes'] > 1 else ''}, {r['steps']} steps)"
+                          for r in rows], fontsize=7)
+    axes.set_ylabel("accuracy (%), min over seeds")
+    axes.set_ylim(0, 105)
+    axes.set_title("easy-VQA, 2,000 test questions: real image (solid) and grey image (hatched)", fontsize=9)
+    axes.legend(fontsize=6, ncol=4, loc="lower left")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300, help="training steps per method (the main job's)")
-    parser.add_argument("--slow-steps", type=int,
-                        help=f"training steps for the slowest setups ({', '.join(SLOWEST)}; default: --steps)")
-    parser.add_argument("--limit", type=int, default=300,
-                        help="evaluation questions (evenly spaced over the test split)")
     parser.add_argument("--only", help="comma-separated subset of method names (substring match)")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
+    parser.add_argument("--limit", type=int, default=2000, help="evaluation questions (evenly spaced, test split)")
     parser.add_argument("--out", default="out/bench_compare_methods")
-    parser.add_argument("--jobs", type=int, default=1, help="methods trained at once")
-    parser.add_argument("--resume", action="store_true", help="keep the figures of methods an interrupted run finished")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one method in this process
-    args = parser.parse_args()
-    common = [f"train.max_steps={args.steps}", f"eval.limit={args.limit}", "train.progress_bar=false",
-              "train.report_to=null"]
-
-    if args.one:
-        result = run_one(args.one, [*METHODS[args.one], *common], Path(args.out) / args.one.replace(" ", "_"))
-        print("RESULT " + json.dumps(result))
-        return
-
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (each on cpu_count / jobs threads)")
+    parser.add_argument("--resume", action="store_true", help="keep the metrics of runs that finished before")
+    parser.add_argument("--max-minutes", type=float, default=30,
+                        help="training budget per run; a run is stopped at twice this (training and evaluation)")
+    parser.add_argument("--no-record", action="store_true", help="print the table; write neither RESULTS.md nor "
+                                                                  "the figure")
+    args = parser.parse_args(argv)
     chosen = [m for m in METHODS if not args.only or any(s.strip().lower() in m.lower() for s in args.only.split(","))]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
     start = time.time()
-    # `--jobs N` trains N methods at once, each on cpu_count / N threads (on 2 cores, two one-thread processes get
-    # more done than one two-thread process); every row is then measured under the same sharing.
-    threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": threads}
 
-    def measure(name: str) -> dict | None:
-        # each method's figures are kept as they finish, so an interrupted comparison continues with --resume
-        saved = Path(args.out) / name.replace(" ", "_") / "result.json"
-        if args.resume and saved.is_file():
-            print(f"{name}: kept from {saved}", flush=True)
-            return json.loads(saved.read_text())
-        steps = args.slow_steps if args.slow_steps and name in SLOWEST else args.steps
-        command = [sys.executable, __file__, "--one", name, "--steps", str(steps), "--limit", str(args.limit),
-                   "--out", args.out]
-        completed = subprocess.run(command, capture_output=True, text=True, env=env)
-        payload = next((line.removeprefix("RESULT ") for line in completed.stdout.splitlines()
-                        if line.startswith("RESULT ")), None)
-        if payload is None:
-            print(f"{name}: failed\n{completed.stderr[-2000:]}", file=sys.stderr, flush=True)
-            return None
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        saved.write_text(payload)
-        print(f"{name}: done ({time.time() - start:.0f} s)", flush=True)
-        return json.loads(payload)
+    def measure(job: tuple[str, int]) -> dict:
+        name, seed = job
+        output = Path(args.out) / slug(name) / f"seed-{seed}"
+        if args.resume and (output / "metrics.json").is_file():
+            return json.loads((output / "metrics.json").read_text())
+        result = train_one(METHODS[name], output, seed, args.limit, threads, args.max_minutes)
+        print(f"{name}, seed {seed}: {result.get('error', 'done')} ({time.time() - start:.0f} s)", flush=True)
+        return result
 
-    # the slowest setups start first, so that no worker is left alone with one at the end; rows keep METHODS' order
-    order = sorted(chosen, key=lambda name: name not in SLOWEST)
+    jobs = [(name, seed) for name in chosen for seed in seeds]
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = dict(zip(order, pool.map(measure, order)))
-    rows = [results[name] for name in chosen if results[name] is not None]
+        results = dict(zip(jobs, pool.map(measure, jobs)))
+    rows = [summary(name, [results[(name, seed)] for seed in seeds]) for name in chosen]
     text = table(rows)
     print(text)
-    device = ("GPU " + __import__("torch").cuda.get_device_name() if __import__("torch").cuda.is_available()
-              else f"CPU ({os.cpu_count()} cores)")
+    if args.no_record:
+        return
+    print(f"figure: {chart(rows)}")
     entry = (
-        f"\n## Method comparison on the embedded default ({date.today()})\n\n"
-        f"Command: `python benchmarks/bench_compare_methods.py {' '.join(sys.argv[1:])}`  \n"
-        f"Machine: {device}, {platform.platform()}, load average {os.getloadavg()[0]:.1f} at the end  \n"
-        f"Methods trained {args.jobs} at a time, {threads} thread(s) each.  \n"
-        f"{args.steps} steps per method ({args.slow_steps or args.steps} for {', '.join(SLOWEST)}), recipe "
-        f"`llama_adapter_v2_joint` with the method swapped in; accuracy on "
-        f"{args.limit} evenly spaced easy-VQA test questions (%), with the real image and with a neutral grey "
-        f"image.\n\n"
-        f"{text}\n"
+        f"\n## Method comparison, each method as its paper trains it ({date.today()})\n\n"
+        f"Command: `python benchmarks/bench_compare_methods.py {' '.join(sys.argv[1:] if argv is None else argv)}`  \n"
+        f"Machine: CPU ({os.cpu_count()} cores), {platform.platform()}, {args.jobs} run(s) at a time, {threads} "
+        f"thread(s) each.  \n"
+        f"Recipes in `recipes/easy_vqa/` (V2's main job: `recipes/llama_adapter_v2_joint.yaml`), seeds {args.seeds}; "
+        f"accuracy on {args.limit} evenly spaced easy-VQA test questions (%), the minimum over seeds, and the median "
+        f"with a neutral grey image; picture: `benchmarks/figures/compare_methods.png`.\n\n{text}\n"
     )
-    with open(Path(__file__).parent / "RESULTS.md", "a") as results:
-        results.write(entry)
+    with open(Path(__file__).parent / "RESULTS.md", "a") as results_file:
+        results_file.write(entry)
 
 
 if __name__ == "__main__":

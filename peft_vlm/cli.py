@@ -64,6 +64,7 @@ def _as_dict(accuracy) -> dict:
 
 
 def _train(arguments: argparse.Namespace) -> None:
+    from peft_vlm.errors import ConfigError
     from peft_vlm.recipes import load_recipe, run_recipe
 
     overrides = list(arguments.set or [])
@@ -71,7 +72,13 @@ def _train(arguments: argparse.Namespace) -> None:
         overrides.append(f"train.max_steps={arguments.max_steps}")
     if arguments.output_dir is not None:
         overrides.append(f"train.output_dir={arguments.output_dir}")
-    figures = run_recipe(load_recipe(arguments.recipe, overrides, full=arguments.full))
+    recipe = load_recipe(arguments.recipe, overrides, full=arguments.full)
+    staged = [index for index, stage in enumerate(recipe.get("stages") or [])
+              if "max_steps" in (stage.get("train") or {})]
+    if arguments.max_steps is not None and staged:
+        raise ConfigError(f"--max-steps: recipe '{arguments.recipe}' sets max_steps per stage; set each with --set "
+                          f"stages.{staged[0]}.train.max_steps=N")
+    figures = run_recipe(recipe)
     if "adapter" in figures:
         print(format_figures(figures))
 
@@ -219,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--describe-first", action="store_true",
                           help="answer in two passes, describe the image, then answer (for adapters that record no "
                                "answer protocol)")
-    evaluate.add_argument("--max-new-tokens", type=_positive_int, help="tokens per answer (default: the answer protocol's)")
+    evaluate.add_argument("--max-new-tokens", type=_positive_int,
+                          help="tokens per answer (default: the answer protocol's)")
     evaluate.set_defaults(run=_eval)
 
     generate = commands.add_parser("generate", help="answer a question about an image with a saved adapter")
@@ -227,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--image")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--recipe", help="take the base model from this recipe instead of the adapter file")
-    generate.add_argument("--max-new-tokens", type=_positive_int, help="tokens per answer (default: the answer protocol's, 32 "
-                                                             "without one)")
+    generate.add_argument("--max-new-tokens", type=_positive_int,
+                          help="tokens per answer (default: the answer protocol's, 32 without one)")
     generate.set_defaults(run=_generate)
 
     info = commands.add_parser("info", help="show what an adapter file holds")

@@ -203,10 +203,14 @@ def validate_recipe(recipe: dict, where: str = "recipe") -> None:
             raise ConfigError(f"{at}, train section: {error}") from None
 
 
+def run_dir(recipe: dict) -> Path:
+    """The run's folder, train.output_dir (metrics.json goes there)."""
+    return Path((recipe.get("train") or {}).get("output_dir", f"out/{recipe['name']}"))
+
+
 def output_dir_of(recipe: dict, stage: dict, count: int) -> Path:
     """Where a stage writes its checkpoints and adapter: train.output_dir, with one folder per stage if several."""
-    root = Path((recipe.get("train") or {}).get("output_dir", f"out/{recipe['name']}"))
-    return root / stage["name"] if count > 1 else root
+    return run_dir(recipe) / stage["name"] if count > 1 else run_dir(recipe)
 
 
 def check_recipe(recipe: dict) -> None:
@@ -463,22 +467,37 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
         plain = dataclasses.replace(model.answer_protocol, describe_first=False, answer_after=None)
         figures["zero_shot"] = evaluation.answer(model, evaluation.spec["zero_shot"], progress=True, protocol=plain)
         log(f"zero-shot (untouched model): {figures['zero_shot']}")
-    trainer, result = train_stages(model, recipe, evaluation, log)
+    trainer, results = train_stages(model, recipe, evaluation, log)
     if not trainer.accelerator.is_main_process:
         return figures
-    figures.update(evaluate_trained(model, recipe, evaluation, result))
+    figures.update(evaluate_trained(model, recipe, evaluation, results[-1]))
+    figures["train_seconds"] = sum(result.seconds for result in results)
+    figures["steps"] = sum(result.steps for result in results)
     figures["wall_seconds"] = time.time() - start
+    write_metrics(figures, run_dir(recipe) / "metrics.json", model)
     return figures
 
 
+def write_metrics(figures: dict[str, Any], path: Path, model) -> Path:
+    """The run's figures as JSON beside its adapter: accuracies by question type, sizes, times, answer protocol."""
+    def plain(value):
+        return value.as_dict() if hasattr(value, "as_dict") else value
+
+    metrics = {key: plain(value) for key, value in figures.items() if key != "adapter"}
+    if model.answer_protocol is not None:
+        metrics["answer_protocol"] = model.answer_protocol.to_dict()
+    path.write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+    return path
+
+
 def train_stages(model, recipe: dict, evaluation: Evaluation, log=print):
-    """Apply each stage's methods and train it; (the last trainer, its result)."""
+    """Apply each stage's methods and train it; (the last trainer, every stage's result)."""
     from peft_vlm.data import SampleEncoder
     from peft_vlm.methods.apply import apply
     from peft_vlm.methods.summary import trainable_summary
     from peft_vlm.training import JointTrainer, TrainConfig
 
-    all_stages = stages(recipe)
+    all_stages, results = stages(recipe), []
     for stage in all_stages:
         apply(model, *method_specs(stage["methods"]))
         data = dict(stage["data"] or {})
@@ -500,13 +519,13 @@ def train_stages(model, recipe: dict, evaluation: Evaluation, log=print):
             instruction_data=datasets.get("instructions"),
             callbacks=accuracy_curve(model, evaluation, config.output_dir),
         )
-        result = trainer.train()
+        results.append(trainer.train())
         for dataset in datasets.values():
             if dataset.report.bad or dataset.report.truncated:
                 log(dataset.report.summary())
         if not trainer.accelerator.is_main_process:
             break
-    return trainer, result
+    return trainer, results
 
 
 def evaluate_trained(model, recipe: dict, evaluation: Evaluation, result) -> dict[str, Any]:
@@ -517,7 +536,7 @@ def evaluate_trained(model, recipe: dict, evaluation: Evaluation, result) -> dic
 
     figures: dict[str, Any] = {
         "adapter": str(result.adapter_path), "adapter_bytes": result.adapter_path.stat().st_size,
-        "trainable_parameters": trainable_summary(model).trainable_parameters, "train_seconds": result.seconds,
+        "trainable_parameters": trainable_summary(model).trainable_parameters,
     }
     spec = evaluation.spec
     if not evaluation.questions:

@@ -63,3 +63,25 @@ def test_cpu_mfu_benchmark_measures_every_lever_against_the_ceiling(benchmarks, 
     assert set(ceiling) == ({"fp32", "bf16"} if native_bf16() else {"fp32"})
     assert cast > 0 and len(rows) == len(seconds) == variants and useful > 0 and all(s > 0 for s in seconds.values())
     assert all(row[-1].endswith("%") for row in rows) and rows[0][3] == "1.00x"
+
+
+def test_method_comparison_takes_the_minimum_over_seeds_and_draws_every_method(benchmarks, tmp_path):
+    bench = benchmarks("bench_compare_methods")
+
+    def run(yes_no, protocol):
+        return {"accuracy": {"all": 0.95, "color": 0.99, "shape": 0.97, "yes/no": yes_no},
+                "grey_image": {"all": 0.6, "color": 0.12, "shape": 0.33, "yes/no": 0.8}, "steps": 900,
+                "train_seconds": 600.0, "trainable_parameters": 5_328_000, "adapter_bytes": 21_000_000,
+                "answer_protocol": protocol}
+
+    one_pass = bench.summary("LLaVA", [run(0.97, {"describe_first": False}), run(0.88, {"describe_first": False})])
+    two_pass = bench.summary("V2", [run(0.99, {"describe_first": True})])
+    failed = bench.summary("Flamingo", [{"error": "exit 1 (see flamingo.log)"}])
+    assert one_pass["accuracy"]["yes/no"] == 0.88 and one_pass["passes"] == 1 and two_pass["passes"] == 2
+    assert not bench.passes_bar(one_pass) and bench.passes_bar(two_pass)
+    printed = bench.table([one_pass, two_pass, failed])
+    assert "| LLaVA | 1 | 900 | 2 | 95.0 | 99.0 | 97.0 | 88.0 |" in printed and "| no |" in printed
+    assert "exit 1 (see flamingo.log)" in printed
+    assert set(bench.METHODS.values()) <= {str(p.relative_to(BENCHMARKS.parent))
+                                           for p in (BENCHMARKS.parent / "recipes").rglob("*.yaml")}
+    assert bench.chart([one_pass, two_pass, failed], tmp_path / "chart.png").stat().st_size > 10_000

@@ -197,3 +197,32 @@ def test_an_adapter_answers_as_it_was_trained_with_or_without_its_recipe(tiny_fi
     assert "answer protocol: one pass" in capsys.readouterr().out
     assert cli(["info", adapter]) == 0
     assert "answer protocol: two passes" in capsys.readouterr().out
+
+
+EASY_VQA = sorted((RECIPES / "easy_vqa").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EASY_VQA, ids=[p.stem for p in EASY_VQA])
+def test_every_easy_vqa_method_recipe_validates_and_records_its_answer_protocol(path):
+    from peft_vlm.recipes import answer_protocol
+
+    recipe = load_recipe(path)
+    assert recipe["name"] == f"easy_vqa_{path.stem}"
+    two_passes = path.stem.startswith("llama_adapter_v2")  # V2 describes, then answers; the others answer in one
+    assert answer_protocol(recipe).describe_first == two_passes
+
+
+@pytest.mark.parametrize("name", ["llava_lora", "cogvlm_expert"])
+def test_one_pass_recipes_train_their_curriculum_and_answer_in_one_pass(name, tiny_files, tiny_vit, capsys):
+    recipe = str(RECIPES / "easy_vqa" / f"{name}.yaml")
+    overrides = tiny_overrides(tiny_files, tiny_vit, "stages.0.train.max_steps=1", "stages.1.train.max_steps=1",
+                               "eval.limit=3", "eval.verify_reload=3", "eval.curve=null")
+    assert cli(["train", recipe, "--max-steps", "2", *overrides]) == 2  # steps are set per stage
+    assert "sets max_steps per stage" in capsys.readouterr().err
+    assert cli(["train", recipe, *overrides]) == 0
+    assert "identical answers on every question" in capsys.readouterr().out
+    metrics = json.loads((tiny_files / "out" / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["answer_protocol"]["describe_first"] is False
+    assert set(metrics["accuracy"]) >= {"all"} and metrics["trainable_parameters"] > 0
+    _, tensors = pv.methods.adapter_file.read_adapter(tiny_files / "out" / "all_questions" / "adapter.safetensors")
+    assert any("lora" in name for name in tensors)
