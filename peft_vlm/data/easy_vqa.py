@@ -106,7 +106,7 @@ def instruction_samples(split: str, limit: int | None = None, type_weights: dict
                 continue
             text = described_question(description, q.text)
         weight = weights.get(question_type(q.text), 1.0) * balance.get((q.text, q.answer), 1.0)
-        if question_type(q.text) == "yes/no" and _attributes_named(q.text)[1]:
+        if question_type(q.text) == "yes/no" and is_negated(q.text):
             weight *= negated_weight
         copies = int(weight) + (draw.random() < weight - int(weight))
         samples += [{"messages": [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{text}"},
@@ -150,6 +150,11 @@ def _attributes_named(text: str) -> tuple[frozenset, bool]:
     """(colors and shapes the question names, whether it asks about absence: "is there not a ...", "is no ...")."""
     words = set(re.findall(r"[a-z]+", text.lower()))
     return frozenset(words & {*COLORS, *SHAPES}), bool(words & {"not", "no"})
+
+
+def is_negated(question: str) -> bool:
+    """Whether a yes/no question asks about absence ("is no red shape present?", "does the image not contain ...")."""
+    return _attributes_named(question)[1]
 
 
 def describe(color: str | None, shape: str | None) -> str | None:

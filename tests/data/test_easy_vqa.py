@@ -103,3 +103,16 @@ def test_describe_first_gives_the_true_description_before_the_question_and_it_im
             checked += 1
     assert checked > 100
     assert ev.describe(None, "circle") == "A circle." and ev.describe("red", None) == "A red shape."
+
+
+def test_negated_weight_leaves_out_exactly_the_questions_about_absence():
+    texts = [s["messages"][0]["content"].split("\n", 1)[1] for s in ev.instruction_samples("train", 4000).samples]
+    kept = [s["messages"][0]["content"].split("\n", 1)[1]
+            for s in ev.instruction_samples("train", 4000, negated_weight=0).samples]
+    negated = [t for t in texts if ev.is_negated(t)]
+    assert ev.is_negated("is no red shape present?") and ev.is_negated("does the image not contain a circle?")
+    assert not ev.is_negated("is there a red shape?") and all(ev.question_type(t) == "yes/no" for t in negated)
+    assert 0.4 < len(negated) / sum(ev.question_type(t) == "yes/no" for t in texts) < 0.6
+    assert kept == [t for t in texts if not ev.is_negated(t)]
+    with pytest.raises(ev.ConfigError, match="negated_weight"):
+        ev.instruction_samples("train", 10, negated_weight=-1)
