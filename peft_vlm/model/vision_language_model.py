@@ -170,6 +170,10 @@ class VisionLanguageModel(VisionLanguageModule):
             spec["use_chat_template"] = False
         if self.resize != "resize":
             spec["resize"] = self.resize
+        # numerics differ by attention kernel (a greedy answer can flip), so a rebuilt base uses the trained one's
+        attention = getattr(self.language_model.config, "_attn_implementation", None)
+        if attention not in (None, "sdpa"):
+            spec["attn_implementation"] = attention
         for rename in BASE_NAMES:
             spec = rename(spec)
         return spec

@@ -135,3 +135,11 @@ def test_any_module_giving_patch_tokens_can_be_the_vision_tower(lm_factory, toke
 def test_missing_language_model_path_names_the_path(tmp_path):
     with pytest.raises(pv.ModelLoadError, match="no-such-model"):
         pv.VisionLanguageModel.from_pretrained(str(tmp_path / "no-such-model"), vision="ViT-B-32")
+
+
+def test_the_base_spec_records_a_non_default_attention_kernel_so_a_rebuilt_base_answers_the_same(vlm_factory):
+    model = vlm_factory()
+    assert model.language_model.config._attn_implementation == "sdpa" and "attn_implementation" not in (
+        model.base_spec())
+    model.language_model.set_attn_implementation("eager")
+    assert model.base_spec()["attn_implementation"] == "eager"
