@@ -189,7 +189,7 @@ def _export(arguments: argparse.Namespace) -> None:
     from peft_vlm.methods.export_transformers import export_transformers
 
     model = _model_for(arguments.adapter, arguments.recipe, arguments.set or [])
-    print(f"exported to {export_transformers(model, arguments.output)}")
+    print(f"exported to {export_transformers(model, arguments.output, overwrite=arguments.overwrite)}")
 
 
 def _positive_int(text: str) -> int:
@@ -247,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("adapter")
     export.add_argument("output", help="folder to write (config, safetensors weights, processor files)")
     export.add_argument("--recipe", help="take the base model from this recipe instead of the adapter file")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace OUTPUT if it is not empty (never the base model's own folder)")
     export.set_defaults(run=_export)
 
     for command in (train, evaluate, generate, export):

@@ -9,10 +9,16 @@ Three ways to reach a square input from an image of any shape:
 
 "resize" and "crop" are open_clip's own "squash" and "shortest" transforms; open_clip's "longest" pads with a fixed
 grey level rather than the mean colour, so "letterbox" pads first and then squashes.
+
+Any PIL mode becomes RGB as a viewer shows it: 16- and 32-bit integer images (16-bit PNGs open as "I;16" or "I")
+are scaled from 0..65535 to 0..255, where PIL's own conversion clips them to white; float images ("F") holding
+values in 0..1 are scaled by 255; transparent pixels are composited onto white (as transformers' `convert_to_rgb`
+does), where dropping the alpha channel would show whatever colour they hide.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from peft_vlm.data.report import MISSING_IMAGE, UNREADABLE_IMAGE
+from peft_vlm.data.report import IMAGE_TOO_LARGE, MISSING_IMAGE, UNREADABLE_IMAGE
 from peft_vlm.errors import ConfigError, DataError
 
 RESIZE_MODES = ("resize", "letterbox", "crop")
@@ -30,12 +36,12 @@ _OPEN_CLIP_MODE = {"resize": "squash", "letterbox": "squash", "crop": "shortest"
 
 
 def load_image(image: Any, source: str) -> Image.Image:
-    """An RGB PIL image from a path, a PIL image or an HWC uint8 array; a missing or corrupt file is a DataError
-    naming the row."""
+    """An RGB PIL image from a path, a PIL image or an HWC uint8 array; a missing or corrupt file, or one larger than
+    PIL's decompression-bomb limit, is a DataError naming the row and the file."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     if not isinstance(image, (str, os.PathLike)):
         raise ConfigError(f"{source}: expected an image path, a PIL image, an HWC uint8 array or a (3, H, W) tensor, "
                           f"got {type(image).__name__}")
@@ -43,10 +49,30 @@ def load_image(image: Any, source: str) -> Image.Image:
     if not path.is_file():
         raise DataError(source, MISSING_IMAGE, str(path))
     try:
-        with Image.open(path) as opened:
-            return opened.convert("RGB")  # convert() decodes the whole file, so truncated files fail here
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns up to twice its limit
+            with Image.open(path) as opened:
+                opened.load()  # decodes the whole file, so truncated files fail here
+                return to_rgb(opened)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise DataError(source, IMAGE_TOO_LARGE, f"{path}: {error}") from None
+    except (OSError, ValueError) as error:
         raise DataError(source, UNREADABLE_IMAGE, f"{path}: {error}") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` in RGB, its levels and transparency as a viewer shows them (see the module's docstring)."""
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I"):
+            values = values / 257  # 65535 -> 255
+        elif values.size and values.min() >= 0 and values.max() <= 1:
+            values = values * 255
+        image = Image.fromarray(values.round().clip(0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
 
 
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:

@@ -21,6 +21,7 @@ WRONG_SCHEMA = "wrong schema"
 NO_ANSWER = "no assistant answer"
 MISSING_IMAGE = "missing image file"
 UNREADABLE_IMAGE = "unreadable image"
+IMAGE_TOO_LARGE = "image too large"
 TOO_LONG = "too long: answer truncated away by max_length"
 MISALIGNED = "misaligned tokenization"
 

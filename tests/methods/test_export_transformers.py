@@ -271,3 +271,115 @@ def test_wrapped_model_exports_lora_in_its_vision_tower(tmp_path):
     with torch.no_grad():
         assert torch.allclose(reloaded["logits"], model(**inputs).logits, atol=1e-4, rtol=0)
     assert reloaded["new_tokens"].tolist() == model.generate_ids(**inputs, max_new_tokens=5).tolist()
+
+
+# -- an export never destroys a model -------------------------------------------------------------------------------
+def lora_and_bias_scale(arch="llava"):
+    return trained(arch, pv.BiasScaleConfig(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+
+def contents(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_export_leaves_the_model_in_memory_bitwise_unchanged(tmp_path):
+    model = lora_and_bias_scale()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    pv.export_transformers(model, tmp_path / "exported")
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
+
+
+@pytest.mark.parametrize("kind", ["previous export", "folder with a file", "link to a previous export"])
+def test_export_into_a_folder_that_is_not_empty_is_refused_unless_overwrite(kind, tmp_path):
+    model = lora_and_bias_scale()
+    target = tmp_path / "target"
+    if kind == "folder with a file":
+        target.mkdir()
+        (target / "notes.txt").write_text("mine")
+    else:
+        pv.export_transformers(model, target)
+    destination = target
+    if kind == "link to a previous export":
+        destination = tmp_path / "link"
+        destination.symlink_to(target, target_is_directory=True)
+    before = contents(target)
+    with pytest.raises(pv.ConfigError, match=f"'{target}' is a .*; pass overwrite=True"):
+        pv.export_transformers(model, destination)
+    assert contents(target) == before
+    pv.export_transformers(model, destination, overwrite=True)
+    assert (target / "config.json").is_file() and not (target / "notes.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"target", destination.name})  # nothing temporary
+
+
+def test_export_never_replaces_the_base_models_own_folder_even_with_overwrite(tmp_path, capsys):
+    from peft_vlm.cli import main
+    from tiny_transformers_vlms import save_tiny
+
+    base_folder = Path(save_tiny("llava", tmp_path / "models" / "base"))
+    base = pv.VisionLanguageModel.from_pretrained(str(base_folder))
+    pv.save_adapter(pv.apply(base, pv.BiasScaleConfig()), tmp_path / "adapter")
+    before = contents(base_folder)
+    for folder in (base_folder, base_folder.parent):  # the folder itself, or one that holds it
+        with pytest.raises(pv.ConfigError, match=f"'{folder}' holds the base model"):
+            pv.export_transformers(base, folder, overwrite=True)
+        assert main(["export", str(tmp_path / "adapter"), str(folder), "--overwrite"]) == 2
+        assert "holds the base model" in capsys.readouterr().err
+    assert contents(base_folder) == before
+
+
+def test_cli_export_over_a_previous_export_needs_overwrite(tmp_path, capsys):
+    from peft_vlm.cli import main
+    from tiny_transformers_vlms import save_tiny
+
+    base = pv.VisionLanguageModel.from_pretrained(save_tiny("llava", tmp_path / "base"))
+    pv.save_adapter(pv.apply(base, pv.BiasScaleConfig()), tmp_path / "adapter")
+    command = ["export", str(tmp_path / "adapter"), str(tmp_path / "exported")]
+    assert main(command) == 0
+    assert main(command) == 2
+    error = capsys.readouterr().err.splitlines()[-1]  # (after the loading progress bar)
+    assert error.startswith("peft-vlm export: error: ")
+    assert error.endswith("is a model folder; pass overwrite=True (--overwrite) to replace it")
+    assert main([*command, "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("previous", [True, False])
+def test_a_write_that_fails_half_way_leaves_the_previous_export_and_no_temporary_folder(previous, tmp_path,
+                                                                                         monkeypatch):
+    import errno
+
+    import transformers.modeling_utils
+
+    model = lora_and_bias_scale()
+    target = tmp_path / "exported"
+    if previous:
+        pv.export_transformers(model, target)
+    before = contents(target) if previous else None
+
+    def disk_full(*args, **kwargs):  # the config is written by then, the weights are not
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", disk_full)
+    with pytest.raises(pv.PeftVlmError, match=f"writing '{target}' failed \\(No space left on device\\)"):
+        pv.export_transformers(model, target, overwrite=True)
+    assert (contents(target) == before) if previous else not target.exists()
+    assert [p.name for p in tmp_path.iterdir()] == (["exported"] if previous else [])
+
+
+@pytest.mark.parametrize("case", ["a file", "under a file", "unwritable parent"])
+def test_a_destination_that_cannot_be_a_folder_is_one_clear_error(case, tmp_path, monkeypatch):
+    model = lora_and_bias_scale()
+    (tmp_path / "file").write_text("x")
+    destination = {"a file": tmp_path / "file", "under a file": tmp_path / "file" / "out",
+                   "unwritable parent": tmp_path / "locked" / "out"}[case]
+    if case == "unwritable parent":  # (as root, a folder's permissions do not stop a write)
+        def refuse(self, *args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(Path, "mkdir", refuse)
+    expected = {"a file": "is a file, not a folder", "under a file": f"lies in '{tmp_path / 'file'}', which is a file",
+                "unwritable parent": "cannot write .*Permission denied"}[case]
+    with pytest.raises(pv.ConfigError, match=expected) as error:
+        pv.export_transformers(model, destination)
+    assert "\n" not in str(error.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
