@@ -104,8 +104,9 @@ def tower_share(model, batch: dict, step_seconds: float, repeats: int = 5) -> fl
     return seconds / step_seconds
 
 
-def main_job_batch(recipe_path: Path, rows: int, attn: str):
-    """The main recipe's model (methods applied, gates opened so they take part) and one batch of its questions."""
+def main_job_batch(recipe_path: Path, rows: int, attn: str, methods: list | None = None):
+    """A recipe's model (methods applied, gates opened so they take part) and one batch of its questions (the
+    instruction stream, or the last stage's training stream); `methods` in place of the recipe's."""
     from peft_vlm.data import Collator, SampleEncoder
     from peft_vlm.methods.apply import apply
     from peft_vlm.recipes import build_dataset, build_model, load_recipe, method_specs
@@ -113,11 +114,13 @@ def main_job_batch(recipe_path: Path, rows: int, attn: str):
     recipe = load_recipe(recipe_path)
     torch.manual_seed(0)
     model = build_model({**recipe["model"], "attn_implementation": attn})
-    apply(model, *method_specs(recipe["methods"]))
+    apply(model, *method_specs(recipe["methods"] if methods is None else methods))
     common.open_gates(model)
     data = dict(recipe["data"])
+    for stage in recipe.get("stages") or []:  # a staged recipe: its last stage's data, which trains longest
+        data.update(stage.get("data") or {})
     encoder = SampleEncoder.for_model(model, resize=data.get("resize", "resize"), max_length=data.get("max_length"))
-    dataset = build_dataset(data["instructions"], encoder, {})
+    dataset = build_dataset(data.get("instructions") or data["train"], encoder, {})
     batch = Collator.for_model(model)([dataset[i * 7] for i in range(rows)])
     return model, {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
 

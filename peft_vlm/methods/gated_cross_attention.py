@@ -7,8 +7,11 @@ scaled by tanh(alpha) with alpha = 0, so at start the block adds exactly zero an
 Each position attends only to the image that precedes it, the most recent one in its row (Flamingo's per-image
 masking, sec 2.3); the tokens of an image attend to that image, positions before any image attend to nothing and
 get no cross-attention output. During cached generation every new token follows the whole prompt, so it attends
-to its row's last image. With the perceiver resampler as connector (`connector="perceiver_resampler"`) this is
-Flamingo's design, except that the visual tokens also stay in the sequence where the images were placed.
+to its row's last image. With the perceiver resampler as connector (`connector="perceiver_resampler"`) and
+`visual_tokens_in_sequence=False` this is Flamingo's design: the images reach the text only through the blocks, and
+every position attends to its row's last image. The default, True, also keeps the visual tokens in the sequence
+where the images were placed (the layout adapters were first trained with); out of the sequence, a row of 30 text
+tokens no longer carries the resampler's 64 latents through every frozen layer.
 
 The block runs from a forward pre-hook on the decoder layer, rewriting its input hidden states: no code of
 `transformers` is copied and the KV cache of the frozen layers is untouched.
@@ -37,6 +40,7 @@ class GatedCrossAttentionConfig:
     heads: int | None = None
     ff_mult: int = 4
     group: str = "vision"
+    visual_tokens_in_sequence: bool = True
 
     def __post_init__(self):
         if self.every < 1 or self.ff_mult < 1 or (self.heads is not None and self.heads < 1):
@@ -51,11 +55,11 @@ def preceding_image(context, visual: torch.Tensor, owner: torch.Tensor, rows: in
         raise ConfigError(f"the images belong to {len(per_row)} batch rows but the call has {rows}")
     first = torch.cumsum(per_row, 0) - per_row  # images are numbered in reading order, row by row
     types = context.types_for((rows, length))
-    if types is not None:
+    if types is not None and bool((types == IMAGE).any()):
         is_image = types.to(owner.device) == IMAGE
         starts = is_image & ((is_image.cumsum(1) - 1) % tokens_per_image == 0)  # first token of each image
         local = starts.cumsum(1) - 1
-    else:  # a cached decoding step: the new tokens come after every image of the prompt
+    else:  # a cached decoding step, or images outside the sequence: every token follows all of its row's images
         local = (per_row - 1)[:, None].expand(rows, length)
     return torch.where(local >= 0, first[:, None] + local, -1)
 
@@ -127,6 +131,10 @@ class GatedCrossAttentionMethod(Method):
     name = "gated_cross_attention"
     config_class = GatedCrossAttentionConfig
     needs_vision = True
+
+    @property
+    def images_in_sequence(self) -> bool:
+        return self.config.visual_tokens_in_sequence
 
     def attach(self, model: nn.Module, language_model: nn.Module) -> dict[str, list[nn.Parameter]]:
         context = state_of(model).context

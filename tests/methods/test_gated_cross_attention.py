@@ -103,3 +103,29 @@ def test_flamingo_preset_and_card_name_the_connector():
 def test_bad_options_are_config_errors(options):
     with pytest.raises(pv.ConfigError, match="GatedCrossAttentionConfig"):
         pv.GatedCrossAttentionConfig(**options)
+
+
+def test_flamingo_layout_keeps_images_out_of_the_sequence_and_reads_them_through_the_blocks(vlm_factory, images):
+    base = vlm_factory(connector=RESAMPLER)
+    text_only = base.tokenize(["\nWhat is in the picture?"], [None])
+    model = pv.apply(vlm_factory(connector=RESAMPLER),
+                     pv.GatedCrossAttentionConfig(every=1, visual_tokens_in_sequence=False))
+    batch = model.tokenize(["What is in the picture?", "Colour?"], [images[0], None])
+    assert model.tokens_per_image == 0 and batch["input_ids"].shape[1] == text_only["input_ids"].shape[1]
+    assert torch.equal(logits(model, batch)[:1], logits(base, text_only))  # zero gates: the model is unchanged
+    open_gates(model)
+    other = model.tokenize(["What is in the picture?", "Colour?"], [images[1], None])
+    changed = (logits(model, batch) - logits(model, other)).abs().amax(dim=(1, 2))
+    assert changed[0] > 0 and changed[1] == 0  # every position of row 0 reads its image; row 1 has none
+    assert_cached_generation_matches_full_decoding(model, batch, steps=4)
+
+
+def test_flamingo_layout_trains_and_reloads_exactly(vlm_factory, images, tmp_path):
+    config = pv.GatedCrossAttentionConfig(every=1, visual_tokens_in_sequence=False)
+    model = pv.apply(vlm_factory(connector=RESAMPLER), config)
+    batch = model.tokenize(["Shape?", "Colour?", "Describe."], images[:3], answers=["a circle", "red", "a square"])
+    losses = train_steps(model, batch, steps=8)
+    assert losses[-1] < losses[0] - 0.1
+    pv.save_adapter(model, tmp_path / "adapter")
+    reloaded = pv.load_adapter(vlm_factory(connector=RESAMPLER), tmp_path / "adapter")
+    assert reloaded.tokens_per_image == 0 and torch.equal(logits(reloaded, batch), logits(model, batch))
