@@ -2,13 +2,16 @@
 the option, the value and what is accepted, before anything is built from them.
 
 The rule is Python's, without its looseness: `True` is not an int, `2.5` is not an int, `"ten"` is not a number;
-an int is a float; a list is a tuple (YAML has no tuples). Types this module cannot judge (classes of a library's
-own) are accepted as they are and left to the library to check.
+an int is a float; a list is a tuple (YAML has no tuples). A number must be finite (`.inf`, `.nan` are no learning
+rate) and an integer below 2**32 in size (no count, size or seed is larger; 10**18 as a batch size would only fail deep
+inside torch). A field may set a lower bound with `metadata=at_least(1)`. Types this module cannot judge (classes of a
+library's own) are accepted as they are and left to the library to check.
 """
 from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import math
 import types
 import typing
 from typing import Any
@@ -17,6 +20,21 @@ from peft_vlm.errors import ConfigError
 
 _NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 _SEQUENCES = (list, tuple, set, frozenset, collections.abc.Sequence)
+INTEGER_LIMIT = 2**32
+
+
+def at_least(low: int | float) -> dict[str, Any]:
+    """Field metadata: the option's smallest valid value (`field(default=None, metadata=at_least(1))`)."""
+    return {"at_least": low}
+
+
+def _beyond_range(value: Any) -> str:
+    """Why a number that has the right type is still no value (empty when it is one)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return " (finite)"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= INTEGER_LIMIT:
+        return " (below 2**32 in size)"
+    return ""
 
 
 def fits(value: Any, hint: Any) -> bool:
@@ -33,9 +51,9 @@ def fits(value: Any, hint: Any) -> bool:
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, int) and not isinstance(value, bool) and not _beyond_range(value)
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and not _beyond_range(value)
     if hint is str:
         return isinstance(value, str)
     if origin in _SEQUENCES or hint in _SEQUENCES:
@@ -89,6 +107,11 @@ def check_options(config_class: type, values: Any, where: str) -> dict[str, Any]
                           f"known: {', '.join(sorted(known))}")
     for name, value in values.items():
         if not fits(value, known[name]):
-            raise ConfigError(f"{where}: {name}={value!r} is not valid; {name} takes {describe(known[name])}")
+            raise ConfigError(f"{where}: {name}={value!r} is not valid; "
+                              f"{name} takes {describe(known[name])}{_beyond_range(value)}")
+    for field in dataclasses.fields(config_class):
+        low, value = field.metadata.get("at_least"), values.get(field.name)
+        if low is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value < low:
+            raise ConfigError(f"{where}: {field.name}={value!r} is not valid; {field.name} must be at least {low}")
     return values
 

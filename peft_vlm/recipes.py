@@ -27,20 +27,39 @@ import dataclasses
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from peft_vlm.errors import ConfigError
-from peft_vlm.options import check_options
+from peft_vlm.options import at_least, check_options
 
 EMBEDDED = "embedded"
 
 
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_NODES = 100_000  # values in the recipe with every alias expanded: a recipe has hundreds
+
+
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-4` as a string (it wants `1.0e-4`); learning rates are written the short way."""
+    """YAML 1.1 reads `1e-4` as a string (it wants `1.0e-4`); learning rates are written the short way.
+
+    A key given twice in one mapping is an error naming it: PyYAML would keep the last one silently. (A key that
+    overrides one merged in with `<<:` is not repeated.)"""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key '{key_node.value}' is given twice", key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -50,8 +69,27 @@ _Loader.add_implicit_resolver(
 )
 
 
+def _expanded_size(node, sizes: dict) -> int:
+    """How many values `node` stands for once its aliases are expanded (each shared node counted once per use)."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 0  # a recursive alias counts as nothing more
+        children = ([child for pair in node.value for child in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
+
+
 def _yaml(text: str):
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    """The YAML document in `text`, refused when its aliases expand it beyond MAX_RECIPE_NODES values (a "billion
+    laughs" recipe would hang every step that walks it)."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_RECIPE_NODES:
+            raise yaml.YAMLError(f"its aliases expand it to over {MAX_RECIPE_NODES:,} values")
+        return loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
 
 
 def _one_line(error: yaml.YAMLError) -> str:
@@ -63,6 +101,7 @@ def _one_line(error: yaml.YAMLError) -> str:
 
 
 STREAMS = ("train", "captions", "instructions")
+PATH_KEYS = ("path", "image_root", "output_dir", "language_model", "vision_pretrained")  # `~` is the home folder
 SECTIONS = ("name", "description", "paper", "hardware", "model", "methods", "data", "train", "stages", "eval", "full")
 
 
@@ -90,7 +129,7 @@ class DataSection:
     captions: dict | None = None
     instructions: dict | None = None
     resize: str | None = None
-    max_length: int | None = None
+    max_length: int | None = field(default=None, metadata=at_least(1))
     bad_samples: str | None = None
     image_root: str | None = None
 
@@ -100,7 +139,7 @@ class StreamSection:
     format: str | None = None
     path: str | None = None
     split: str | None = None
-    limit: int | None = None
+    limit: int | None = field(default=None, metadata=at_least(1))
     options: dict | None = None
     image_root: str | None = None
     bad_samples: str | None = None
@@ -111,15 +150,15 @@ class EvalSection:
     format: str | None = None
     path: str | None = None
     split: str | None = None
-    limit: int | None = None
+    limit: int | None = field(default=None, metadata=at_least(1))
     image_root: str | None = None
     grey_image: bool = False
-    zero_shot: bool | int = False  # true: every question; N: the first N
+    zero_shot: bool | int = field(default=False, metadata=at_least(0))  # true: every question; N: the first N
     text_only_ceiling: bool = False
-    verify_reload: bool | int = False  # true: every question; N: the first N
-    batch_size: int | None = None
+    verify_reload: bool | int = field(default=False, metadata=at_least(0))  # true: every question; N: the first N
+    batch_size: int | None = field(default=None, metadata=at_least(1))
     curve: dict | None = None  # {every: N, per_type: M}: accuracy against steps, accuracy_curve.png
-    max_new_tokens: int | None = None  # generated tokens per answer (8)
+    max_new_tokens: int | None = field(default=None, metadata=at_least(1))  # generated tokens per answer (8)
     answer_after: str | None = None  # score what follows this marker in the generation
     describe_first: bool = False  # two passes: the model describes the image, then answers after its description
 
@@ -134,9 +173,12 @@ class StageSection:
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] = (), full: bool = False) -> dict[str, Any]:
     """The recipe at `path` with `--full` and `--set` overrides applied, validated (see `validate_recipe`)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"no recipe file at '{path}'")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise ConfigError(f"recipe '{path}' is {path.stat().st_size:,} bytes; a recipe is at most "
+                          f"{MAX_RECIPE_BYTES:,}")
     try:
         recipe = _yaml(path.read_text()) or {}
     except yaml.YAMLError as error:
@@ -152,8 +194,19 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), full: bool =
     for override in [*(f"{key}={json.dumps(value)}" for key, value in longer.items() if full), *overrides]:
         apply_override(recipe, override)
     recipe.setdefault("name", path.stem)
+    _expand_user(recipe)
     validate_recipe(recipe, f"recipe '{path}'")
     return recipe
+
+
+def _expand_user(node: Any) -> None:
+    """`~` at the start of a path (PATH_KEYS, at any depth) becomes the home folder, as a shell would make it."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in list(items):
+        if key in PATH_KEYS and isinstance(value, str) and value.startswith("~"):
+            node[key] = os.path.expanduser(value)
+        else:
+            _expand_user(value)
 
 
 def _check_sections(recipe: dict, where: str) -> None:

@@ -220,7 +220,8 @@ def _looks_like_coco(file: RecordFile) -> bool:
 
 def read_dataset(path: str | os.PathLike, format: str, image_root: str | os.PathLike | None = None,
                  caption_prompt: str = CAPTION_PROMPT) -> Records | SampleList:
-    """Open a data file in one of FORMATS ("caption" also reads COCO files)."""
+    """Open a data file in one of FORMATS ("caption" also reads COCO files); `~` in either path is the home folder."""
+    path, image_root = Path(path).expanduser(), image_root and Path(image_root).expanduser()
     if format == "llava":
         return read_llava(path, image_root)
     if format == "coco":

@@ -35,7 +35,7 @@ SAMPLES_PER_TENSOR = 4096
 
 
 def _adapter_path(path: str | os.PathLike) -> Path:
-    path = Path(path)
+    path = Path(path).expanduser()
     return path if path.suffix == ".safetensors" else path / ADAPTER_FILE_NAME
 
 
