@@ -90,7 +90,7 @@ def _model_for(adapter: str, recipe_path: str | None, overrides: list[str]):
     """A fresh base as the adapter file describes it (or as a recipe's model section says), with the adapter loaded."""
     from peft_vlm.methods.adapter_file import load_adapter, read_adapter
     from peft_vlm.errors import AdapterFileError, ConfigError
-    from peft_vlm.model.vision_towers import refuse_pickle_weights
+    from peft_vlm.model.weights_files import refuse_pickle_weights
     from peft_vlm.options import check_options
     from peft_vlm.recipes import ModelSection, apply_override, build_model, load_recipe
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import inspect
 import math
 import types
 import typing
@@ -94,6 +95,31 @@ def field_types(config_class: type) -> dict[str, Any]:
     except Exception:  # a forward reference the class's module cannot resolve: names only
         hints = {}
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(config_class)}
+
+
+def check_arguments(function: Any, values: Any, where: str, *given: Any) -> dict[str, Any]:
+    """`values` as keyword arguments of `function` (its first positional arguments `given`): each a name it takes
+    (any name where it takes **options) and of the type its annotation asks for, else a ConfigError naming it."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: options must be a mapping of option: value, got {values!r}")
+    signature = inspect.signature(function)
+    parameters = signature.parameters
+    taken = signature.bind_partial(*given).arguments
+    free = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    try:
+        hints = typing.get_type_hints(function)
+    except Exception:  # a forward reference its module cannot resolve: names only
+        hints = {}
+    for name, value in values.items():
+        named = name in parameters and parameters[name].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                                 inspect.Parameter.KEYWORD_ONLY)
+        if name in taken or (not named and not free):
+            known = [n for n, p in parameters.items() if n not in taken and p.kind is not p.VAR_KEYWORD]
+            raise ConfigError(f"{where}: unknown option {name!r}; known: {', '.join(known)}")
+        if named and not fits(value, hints.get(name, Any)):
+            raise ConfigError(f"{where}: {name}={value!r} is not valid; "
+                              f"{name} takes {describe(hints[name])}{_beyond_range(value)}")
+    return values
 
 
 def check_options(config_class: type, values: Any, where: str) -> dict[str, Any]:

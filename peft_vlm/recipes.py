@@ -29,7 +29,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -114,7 +114,7 @@ class ModelSection:
     connector: str | None = None
     load_in_4bit: bool | None = None
     vision_options: dict | None = None
-    dtype: str | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = None
     train_vision_tower: bool | None = None
     image_boundaries: tuple[str, str] | None = None
     use_chat_template: bool | None = None
@@ -310,6 +310,8 @@ def build_model(spec: dict):
     """A VisionLanguageModel from the recipe's `model` section."""
     from peft_vlm.embedded.models import CONTRASTIVE_VISION, default_language_model_path, register_default_vision
     from peft_vlm.model.vision_language_model import VisionLanguageModel
+    from peft_vlm.model.vision_towers import check_vision_options
+    from peft_vlm.model.weights_files import refuse_pickle_weights
 
     spec = {key: value for key, value in spec.items() if value is not None}
     language_model = spec.pop("language_model", EMBEDDED)
@@ -332,6 +334,8 @@ def build_model(spec: dict):
             )
         vision = [register_default_vision() if tower == EMBEDDED else tower for tower in vision]
     check_options(ModelSection, spec, "model section")
+    refuse_pickle_weights(spec, "model section")
+    check_vision_options(vision, spec.get("vision_options") or {}, "model section, vision_options")
     resize = spec.pop("resize", "resize")  # written by `base_spec` for adapter files; recipes set data.resize
     model = VisionLanguageModel.from_pretrained(language_model, vision=vision, **spec)
     model.resize = resize

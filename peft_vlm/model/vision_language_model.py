@@ -48,7 +48,7 @@ def load_language_model(path: str, load_in_4bit: bool = False, dtype: Any = None
         kwargs.setdefault("device_map", {"": 0} if torch.cuda.is_available() else "cpu")
         dtype = dtype or compute_dtype
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", use_safetensors=True, **kwargs)
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"could not load a causal language model from '{path}': {error}") from None
     if load_in_4bit:
