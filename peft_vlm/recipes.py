@@ -180,9 +180,11 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), full: bool =
         raise ConfigError(f"recipe '{path}' is {path.stat().st_size:,} bytes; a recipe is at most "
                           f"{MAX_RECIPE_BYTES:,}")
     try:
-        recipe = _yaml(path.read_text()) or {}
+        recipe = _yaml(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"recipe '{path}' is not valid YAML: {_one_line(error)}") from None
+    if not recipe:
+        raise ConfigError(f"recipe '{path}' is empty; a recipe has sections model, methods, data, train, eval")
     if not isinstance(recipe, dict):
         raise ConfigError(f"recipe '{path}' must be a mapping of sections (model, methods, data, train, eval)")
     _check_sections(recipe, f"recipe '{path}'")
@@ -232,7 +234,12 @@ def validate_recipe(recipe: dict, where: str = "recipe") -> None:
     _check_sections(recipe, where)
     if not isinstance(recipe.get("name"), str):
         raise ConfigError(f"{where}: name must be a string, got {recipe.get('name')!r}")
-    check_options(ModelSection, _mapping(recipe.get("model"), f"{where}, model section"), f"{where}, model section")
+    model = check_options(ModelSection, _mapping(recipe.get("model"), f"{where}, model section"),
+                          f"{where}, model section")
+    if model.get("connector") is not None:
+        from peft_vlm.model.connectors import check_connector
+
+        check_connector(model["connector"], f"{where}, model section: ")
     check_options(EvalSection, _mapping(recipe.get("eval"), f"{where}, eval section"), f"{where}, eval section")
     listed = recipe.get("stages") or []
     if not isinstance(listed, list):
@@ -309,11 +316,14 @@ def apply_override(recipe: dict, override: str) -> None:
 def build_model(spec: dict):
     """A VisionLanguageModel from the recipe's `model` section."""
     from peft_vlm.embedded.models import CONTRASTIVE_VISION, default_language_model_path, register_default_vision
+    from peft_vlm.model.connectors import check_connector
     from peft_vlm.model.vision_language_model import VisionLanguageModel
     from peft_vlm.model.vision_towers import check_vision_options
     from peft_vlm.model.weights_files import refuse_pickle_weights
 
     spec = {key: value for key, value in spec.items() if value is not None}
+    if "connector" in spec:  # before a tower is pretrained or a language model loaded
+        check_connector(spec["connector"], "model section: ")
     language_model = spec.pop("language_model", EMBEDDED)
     vision = spec.pop("vision", EMBEDDED)
     if language_model == EMBEDDED:

@@ -6,6 +6,7 @@ No pickle anywhere: tensors are safetensors, everything else is JSON.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -162,7 +163,7 @@ def _json_field(raw: dict[str, str], key: str, kind: type, target: Path, require
     return value
 
 
-def _check_metadata(raw: dict[str, str], tensors: dict[str, torch.Tensor], target: Path) -> dict[str, Any]:
+def _check_metadata(raw: dict[str, str], tensors: set[str], target: Path) -> dict[str, Any]:
     """The file's metadata, every field checked against what `adapter_metadata` writes; an AdapterFileError names
     the first field that does not fit."""
     if raw.get("format") != FORMAT:
@@ -212,20 +213,31 @@ def _check_tensors(tensors: dict[str, torch.Tensor], target: Path) -> None:
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(metadata with JSON fields decoded and checked, tensors checked) of an adapter file."""
+    """(metadata with JSON fields decoded and checked, tensors checked) of an adapter file. The metadata is checked
+    from the file's header first: a file that is no adapter is refused without reading its tensors."""
     target = _adapter_path(path)
     if not target.is_file():
         raise AdapterFileError(f"no adapter file at '{target}'")
-    try:
-        with safe_open(str(target), framework="pt") as handle:
-            raw = handle.metadata() or {}
+    with _opened(target) as handle:
+        metadata = _check_metadata(handle.metadata() or {}, set(handle.keys()), target)
+        _method_configs(metadata, target)  # each method's options: names, types, the config's own checks
+        try:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as error:  # safetensors raises its own error types for corrupt headers
-        raise AdapterFileError(f"'{target}' is not a readable safetensors file: {error}") from None
-    metadata = _check_metadata(raw, tensors, target)
-    _method_configs(metadata, target)  # each method's options: names, types, the config's own checks
+        except Exception as error:  # safetensors raises its own error types for corrupt data
+            raise AdapterFileError(f"'{target}' is not a readable safetensors file: {error}") from None
     _check_tensors(tensors, target)
     return metadata, tensors
+
+
+@contextlib.contextmanager
+def _opened(target: Path):
+    """The safetensors file at `target`, open (its header read, no tensor yet)."""
+    try:
+        handle = safe_open(str(target), framework="pt")
+    except Exception as error:  # safetensors raises its own error types for corrupt headers
+        raise AdapterFileError(f"'{target}' is not a readable safetensors file: {error}") from None
+    with handle:
+        yield handle
 
 
 def _method_configs(metadata: dict[str, Any], target: Path) -> list[Any]:
