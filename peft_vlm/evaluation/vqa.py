@@ -15,7 +15,8 @@ from PIL import Image
 
 from peft_vlm.data.answer_protocol import AnswerProtocol
 from peft_vlm.data.prompting import IMAGE_PLACEHOLDER
-from peft_vlm.data.report import Skipped
+from peft_vlm.data.report import WRONG_SCHEMA, Skipped
+from peft_vlm.errors import DataError
 
 ARTICLES = {"a", "an", "the"}
 GREY = (128, 128, 128)  # neutral: a black image is unlike anything in training and makes models babble
@@ -38,11 +39,18 @@ class Question:
 
     @classmethod
     def from_sample(cls, sample: dict, kind_of: Callable[[str], str] | None = None) -> "Question":
-        """A single-turn sample as the data readers give it (user turn with the question, assistant with the answer)."""
-        question = sample["messages"][0]["content"].replace(IMAGE_PLACEHOLDER, "").strip()
+        """A sample as the data readers give it: its first user turn is the question, the assistant turn after it the
+        answer (a system turn before them is not the question)."""
+        messages = sample["messages"]
+        asked = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
+        answer = next((m["content"] for m in messages[asked + 1:] if m["role"] == "assistant"), None)
+        if answer is None:
+            raise DataError(sample.get("source", "an eval row"), WRONG_SCHEMA,
+                            "a question needs a user turn and an assistant turn after it")
+        question = messages[asked]["content"].replace(IMAGE_PLACEHOLDER, "").strip()
         images = sample.get("images") or [None]
         kind = sample.get("kind") or (kind_of(question) if kind_of else "all")
-        return cls(question, sample["messages"][1]["content"], images[0], kind, sample.get("source", ""))
+        return cls(question, answer, images[0], kind, sample.get("source", ""))
 
 
 @dataclass
