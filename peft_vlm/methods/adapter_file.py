@@ -23,6 +23,7 @@ from peft_vlm.version import __version__
 from peft_vlm.errors import AdapterFileError, AdapterMismatchError, ConfigError, UnknownMethodError
 from peft_vlm.methods.apply import apply, is_merged, rollback_on_error
 from peft_vlm.methods.registry import config_from_entry
+from peft_vlm.runtime.file_modes import like_other_outputs
 from peft_vlm.runtime.lm_layers import is_vision_language_model, language_model_of
 from peft_vlm.runtime.tracking import named_tracked_parameters, state_of
 
@@ -127,6 +128,7 @@ def write_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], met
     save_file(
         {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}, str(temporary), metadata=metadata
     )
+    like_other_outputs(temporary)
     os.replace(temporary, target)
     return target
 

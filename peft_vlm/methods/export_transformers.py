@@ -30,6 +30,7 @@ from peft_vlm.errors import ConfigError, PeftVlmError
 from peft_vlm.methods.apply import merge, unmerge
 from peft_vlm.methods.bias_scale import BiasScale
 from peft_vlm.runtime.attention import PREFIX
+from peft_vlm.runtime.file_modes import like_other_outputs
 from peft_vlm.runtime.tracking import state_of
 
 #: Built-in parts whose trained weights are the base's own (they need no merging).
@@ -229,6 +230,7 @@ def export_transformers(model: nn.Module, directory: str | os.PathLike, overwrit
     try:
         with _merged_for_export(model):
             exporter(model, staging)
+        like_other_outputs(staging)
         _replace(directory, staging)
     except OSError as error:
         raise PeftVlmError(f"export_transformers: writing '{directory}' failed ({error.strerror or error}); "

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from peft_vlm.errors import ConfigError, PeftVlmError
 from peft_vlm.methods.adapter_file import write_adapter
+from peft_vlm.runtime.file_modes import like_other_outputs
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 REPLACED = ".tmp-replaced"  # a checkpoint being replaced by a newer write of the same step
@@ -163,6 +164,8 @@ def write_checkpoint(
         save_file(optimizer_tensors, str(temporary / "optimizer.safetensors"))
         (temporary / "trainer_state.json").write_text(json.dumps(state, indent=1))
     barrier()
+    if is_main:
+        like_other_outputs(temporary)
     if is_main:  # a checkpoint of the same step (a finished run started again) goes aside first, never missing
         replaced = folder.with_name(folder.name + REPLACED)
         shutil.rmtree(replaced, ignore_errors=True)
