@@ -41,8 +41,7 @@ def format_figures(figures: dict) -> str:
             values = _as_dict(accuracy)
             lines.append(f"{name:<30}" + "".join(f"{_percent(values[k]) if k in values else '-':>10}" for k in kinds))
     if "accuracy" in figures:
-        lines.append(f"questions: {figures['accuracy'].total['all']:,} (per type: " + ", ".join(
-            f"{kind} {count:,}" for kind, count in sorted(figures["accuracy"].total.items()) if kind != "all") + ")")
+        lines.append(_questions_line(figures["accuracy"]))
     if "reload_identical" in figures:
         same = "identical answers" if figures["reload_identical"] else "DIFFERENT answers"
         answered, asked = figures["reloaded"].total["all"], figures["accuracy"].total["all"]
@@ -60,6 +59,17 @@ def format_figures(figures: dict) -> str:
         for question, expected, answered in examples[:: max(1, len(examples) // 3)][:3]:
             lines.append(f"  Q: {question}\n     expected: {expected}   model: {answered.strip()!r}")
     return "\n".join(lines)
+
+
+def _questions_line(accuracy) -> str:
+    """How many questions were scored, per type, and how many distinct inputs the model was asked for them."""
+    total = accuracy.total["all"]
+    kinds = ", ".join(f"{kind} {count:,}" for kind, count in sorted(accuracy.total.items()) if kind != "all")
+    line = f"questions: {total:,}" + (f" (per type: {kinds})" if kinds else "")
+    asked = getattr(accuracy, "asked", None)
+    if asked is not None and asked != total:
+        line += f"; the model was asked {asked:,} distinct ones (same image and text: one greedy answer)"
+    return line
 
 
 def _as_dict(accuracy) -> dict:

@@ -58,6 +58,7 @@ class Accuracy:
     correct: Counter = field(default_factory=Counter)
     total: Counter = field(default_factory=Counter)
     examples: list[tuple[str, str, str]] = field(default_factory=list)  # (question, expected, answered)
+    asked: int | None = None  # inputs the model was given: questions with one image and text share a greedy answer
 
     def add(self, kind: str, expected: str, answered: str, question: str, answer_after: str | None = None) -> None:
         """`answer_after`: the answer is what follows the last occurrence of this marker (none: no answer)."""
@@ -65,7 +66,7 @@ class Accuracy:
         if answer_after:
             answer = answered.rsplit(answer_after, 1)[1] if answer_after in answered else ""
         hit = normalize_answer(answer) == normalize_answer(expected)
-        for key in ("all", kind):
+        for key in {"all", kind}:  # a question without a type is counted once
             self.total[key] += 1
             self.correct[key] += hit
         self.examples.append((question, expected, answered))
@@ -125,6 +126,7 @@ def vqa_accuracy(
         answers = model.generate(images=[images_of[i] for i in indices], prompts=[prompts[i] for i in indices],
                                  max_new_tokens=protocol.max_new_tokens, protocol=False)  # paths open in generate
         answer_of.update(zip(keys, answers))
+    accuracy.asked = len(distinct)
     for q, key in zip(questions, inputs):
         accuracy.add(q.kind, q.answer, answer_of[key], q.question, protocol.answer_after)
     return accuracy
