@@ -217,7 +217,8 @@ def export_transformers(model: nn.Module, directory: str | os.PathLike, overwrit
 
     A wrapped transformers VLM keeps its architecture. Methods with no native form are refused by name. A folder
     that is not empty is replaced only with `overwrite=True`, and only once the new one is complete."""
-    given, directory = Path(directory), Path(directory).resolve()  # a symbolic link: the folder it names is replaced
+    given = Path(directory).expanduser()
+    directory = given.resolve()  # a symbolic link: the folder it names is replaced
     _refuse_unexportable(model)
     exporter = _exporter_for(model)
     _check_destination(model, directory, overwrite)

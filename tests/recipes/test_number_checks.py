@@ -124,3 +124,13 @@ def test_a_tilde_in_train_config_data_and_adapter_paths_is_the_home_folder(home,
     saved = pv.save_adapter(lm, "~/adapter")
     assert Path(saved).is_relative_to(home)
     pv.load_adapter(lm_factory(), "~/adapter")
+
+
+def test_a_tilde_in_python_model_and_export_paths_is_the_home_folder(home, lm_factory, tokenizer, tiny_vit):
+    lm_factory().save_pretrained(home / "lm")
+    tokenizer.save_pretrained(home / "lm")
+    assert pv.VisionLanguageModel.from_pretrained("~/lm", vision=tiny_vit).tokenizer is not None
+    from tiny_transformers_vlms import wrapped
+
+    assert pv.export_transformers(wrapped("llava"), "~/exported") == home / "exported"
+    assert (home / "exported" / "config.json").is_file()
