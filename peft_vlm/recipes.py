@@ -183,6 +183,8 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), full: bool =
         recipe = _yaml(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"recipe '{path}' is not valid YAML: {_one_line(error)}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"recipe '{path}' is nested too deeply to be a recipe") from None
     if not recipe:
         raise ConfigError(f"recipe '{path}' is empty; a recipe has sections model, methods, data, train, eval")
     if not isinstance(recipe, dict):

@@ -91,6 +91,13 @@ def test_a_recipe_whose_aliases_expand_beyond_reason_is_refused(tmp_path):
         load_recipe(path)
 
 
+def test_a_recipe_nested_beyond_reason_is_refused(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("name: a\ntrain: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(pv.ConfigError, match="is nested too deeply"):
+        load_recipe(path)
+
+
 def test_a_recipe_file_over_a_megabyte_is_refused_unread(tmp_path):
     path = tmp_path / "huge.yaml"
     path.write_text("name: a\n" + "#" * (1 << 20) + "\n")
