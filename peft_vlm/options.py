@@ -113,7 +113,9 @@ def check_arguments(function: Any, values: Any, where: str, *given: Any) -> dict
     for name, value in values.items():
         named = name in parameters and parameters[name].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                                                  inspect.Parameter.KEYWORD_ONLY)
-        if name in taken or (not named and not free):
+        if name in taken:
+            raise ConfigError(f"{where}: {name!r} is not an option here; it is given by the model description itself")
+        if not named and not free:
             known = [n for n, p in parameters.items() if n not in taken and p.kind is not p.VAR_KEYWORD]
             raise ConfigError(f"{where}: unknown option {name!r}; known: {', '.join(known)}")
         if named and not fits(value, hints.get(name, Any)):
