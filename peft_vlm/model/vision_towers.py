@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from peft_vlm.errors import ConfigError, ModelLoadError
 from peft_vlm.options import check_arguments
-from peft_vlm.model.weights_files import require_hub_safetensors
+from peft_vlm.model import weights_files
 
 TIMM_PREFIX = "timm:"
 TRANSFORMERS_PREFIX = "transformers:"
@@ -51,7 +51,7 @@ class OpenClipVisionTower(VisionTower):
             raise ModelLoadError(f"vision tower '{name}': tokens={tokens!r}; use 'patches' or 'pooled'")
         import open_clip  # imported here: it pulls in torchvision and timm
 
-        require_hub_safetensors(name)
+        weights_files.require_open_clip_safetensors(name, pretrained)
 
         try:
             # Without pretrained weights the tower is random; a fixed seed makes "random" reproducible, so a rebuilt

@@ -4,7 +4,8 @@ read any other weights file with `torch.load` (pickle, which can run code).
 A folder may hold pickled weights beside safetensors ones (hub snapshots do), so the rule is the file its loader
 reads: transformers loads run with `use_safetensors=True` (`model.safetensors` or its index), open_clip's
 `local-dir:` folders must hold `open_clip_model.safetensors` (open_clip prefers `open_clip_pytorch_model.bin` to any
-other safetensors file), and `hf-hub:` repositories must hold it too. Checked before anything is loaded.
+other safetensors file), and the hub weights of `hf-hub:` names and pretrained tags are fetched as safetensors first
+(open_clip looks for those before it falls back to pickled ones). Checked before anything is loaded.
 """
 from __future__ import annotations
 
@@ -53,16 +54,36 @@ def refuse_pickle_weights(value, where: str) -> None:
                              f"would read); weights are read with safetensors only (no pickle)")
 
 
-def require_hub_safetensors(name: str) -> None:
-    """An open_clip `hf-hub:ORG/REPO` name: fetch its safetensors weights first (open_clip then finds them in the
-    cache), so that a repository that has only pickled weights is refused rather than unpickled."""
-    if not name.startswith(OPEN_CLIP_HUB):
+def require_open_clip_safetensors(name: str, pretrained: str | None) -> None:
+    """Before open_clip builds tower `name` with weights `pretrained` (a tag or a file): the weights it would read
+    are safetensors, or a ModelLoadError names them."""
+    if name.startswith(OPEN_CLIP_HUB):
+        return _fetch(name[len(OPEN_CLIP_HUB):], OPEN_CLIP_WEIGHTS[0], f"vision tower '{name}'")
+    if not pretrained:
         return
+    import open_clip
+
+    where = f"vision tower '{name}' (pretrained={pretrained!r})"
+    tag = open_clip.get_pretrained_cfg(name.replace("/", "-"), pretrained)  # open_clip looks for a tag first
+    if not tag:
+        return refuse_pickle_weights(pretrained, where)
+    if not tag.get("hf_hub"):
+        raise ModelLoadError(f"{where}: its weights come only as a pickled download; weights are read with "
+                             "safetensors only (no pickle)")
+    repo, file = os.path.split(tag["hf_hub"])
+    if not file.endswith(".safetensors"):  # open_clip's own order: the safetensors twin of the file named
+        stem = os.path.splitext(file)[0]
+        file = OPEN_CLIP_WEIGHTS[0] if stem in ("", "open_clip_pytorch_model") else stem + ".safetensors"
+    _fetch(repo, file, where)
+
+
+def _fetch(repo: str, file: str, where: str) -> None:
+    """Download `file` of hub repository `repo` into the cache (where its loader finds it), or refuse naming it."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
-        hf_hub_download(name[len(OPEN_CLIP_HUB):], OPEN_CLIP_WEIGHTS[0])
+        hf_hub_download(repo, file)
     except (OSError, ValueError, EntryNotFoundError) as error:
-        raise ModelLoadError(f"vision tower '{name}': no {OPEN_CLIP_WEIGHTS[0]} could be read from it "
-                             f"({type(error).__name__}); weights are read with safetensors only (no pickle)") from None
+        raise ModelLoadError(f"{where}: no {file} could be read from '{repo}' ({type(error).__name__}); weights are "
+                             "read with safetensors only (no pickle)") from None

@@ -14,6 +14,7 @@ import torch
 import peft_vlm as pv
 from peft_vlm import recipes
 from peft_vlm.cli import main as cli
+from peft_vlm.model.vision_towers import build_vision_tower
 
 sys.path.insert(0, str(Path(__file__).parent))
 import test_adapter_schema as schema  # noqa: E402
@@ -92,6 +93,41 @@ def test_an_open_clip_hub_repository_without_safetensors_weights_is_refused_befo
     with pytest.raises(pv.ModelLoadError, match="'hf-hub:nobody/pickled-tower': no open_clip_model.safetensors"):
         pv.VisionLanguageModel.from_pretrained(str(lm_folder), vision="hf-hub:nobody/pickled-tower")
     assert torch_load_raises == []
+
+
+@pytest.mark.parametrize("tag, fetched", [
+    ({"hf_hub": "timm/tower.openai/"}, ("timm/tower.openai", "open_clip_model.safetensors")),
+    ({"hf_hub": "org/tower/weights.pt"}, ("org/tower", "weights.safetensors")),
+    ({"url": "https://example.com/tower.pt"}, None),
+])
+def test_an_open_clip_pretrained_tag_is_read_only_from_safetensors_hub_weights(
+        monkeypatch, tiny_vit, tag, fetched, torch_load_raises):
+    import huggingface_hub
+    import open_clip
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    calls = []
+
+    def missing(repo, file):
+        calls.append((repo, file))
+        raise LocalEntryNotFoundError("not in the cache")
+
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda name, pretrained: tag)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", missing)
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", lambda *a, **k: pytest.fail("open_clip loaded"))
+    message = f"no {fetched[1]} could be read from '{fetched[0]}'" if fetched else "only as a pickled download"
+    with pytest.raises(pv.ModelLoadError, match=f"pretrained='some-tag'.*{message}"):
+        build_vision_tower(tiny_vit, pretrained="some-tag")
+    assert calls == ([fetched] if fetched else []) and torch_load_raises == []
+
+
+def test_a_pickled_weights_file_passed_in_python_is_refused_before_open_clip_reads_it(tiny_vit, tmp_path,
+                                                                                      torch_load_raises):
+    weights = tmp_path / "tower.pt"
+    weights.write_bytes(pickle.dumps({"state_dict": Payload(str(tmp_path / "unpickled"))}))
+    with pytest.raises(pv.ModelLoadError, match="tower.pt' is not safetensors weights"):
+        build_vision_tower(tiny_vit, pretrained=str(weights))
+    assert torch_load_raises == [] and not (tmp_path / "unpickled").exists()
 
 
 def test_a_recipe_naming_pickled_weights_is_refused_before_the_language_model_loads(tmp_path, monkeypatch):
