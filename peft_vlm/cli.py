@@ -6,6 +6,8 @@
     peft-vlm info out/run/adapter.safetensors
     peft-vlm export out/run/adapter.safetensors out/exported   (a folder plain transformers loads)
 
+Paths may start with `~` (the home folder) even where the shell leaves it as it is (`--data=~/x.json`, quoted).
+
 Several processes: `accelerate launch -m peft_vlm.cli train RECIPE` or `torchrun --nproc_per_node N -m peft_vlm.cli
 train RECIPE`; nothing else changes.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from peft_vlm.errors import PeftVlmError
@@ -38,8 +41,7 @@ def format_figures(figures: dict) -> str:
             values = _as_dict(accuracy)
             lines.append(f"{name:<30}" + "".join(f"{_percent(values[k]) if k in values else '-':>10}" for k in kinds))
     if "accuracy" in figures:
-        lines.append(f"questions: {figures['accuracy'].total['all']:,} (per type: " + ", ".join(
-            f"{kind} {count:,}" for kind, count in sorted(figures["accuracy"].total.items()) if kind != "all") + ")")
+        lines.append(_questions_line(figures["accuracy"]))
     if "reload_identical" in figures:
         same = "identical answers" if figures["reload_identical"] else "DIFFERENT answers"
         answered, asked = figures["reloaded"].total["all"], figures["accuracy"].total["all"]
@@ -57,6 +59,17 @@ def format_figures(figures: dict) -> str:
         for question, expected, answered in examples[:: max(1, len(examples) // 3)][:3]:
             lines.append(f"  Q: {question}\n     expected: {expected}   model: {answered.strip()!r}")
     return "\n".join(lines)
+
+
+def _questions_line(accuracy) -> str:
+    """How many questions were scored, per type, and how many distinct inputs the model was asked for them."""
+    total = accuracy.total["all"]
+    kinds = ", ".join(f"{kind} {count:,}" for kind, count in sorted(accuracy.total.items()) if kind != "all")
+    line = f"questions: {total:,}" + (f" (per type: {kinds})" if kinds else "")
+    asked = getattr(accuracy, "asked", None)
+    if asked is not None and asked != total:
+        line += f"; the model was asked {asked:,} distinct ones (same image and text: one greedy answer)"
+    return line
 
 
 def _as_dict(accuracy) -> dict:
@@ -87,7 +100,7 @@ def _model_for(adapter: str, recipe_path: str | None, overrides: list[str]):
     """A fresh base as the adapter file describes it (or as a recipe's model section says), with the adapter loaded."""
     from peft_vlm.methods.adapter_file import load_adapter, read_adapter
     from peft_vlm.errors import AdapterFileError, ConfigError
-    from peft_vlm.model.vision_towers import refuse_pickle_weights
+    from peft_vlm.model.weights_files import refuse_pickle_weights
     from peft_vlm.options import check_options
     from peft_vlm.recipes import ModelSection, apply_override, build_model, load_recipe
 
@@ -192,6 +205,11 @@ def _export(arguments: argparse.Namespace) -> None:
     print(f"exported to {export_transformers(model, arguments.output, overwrite=arguments.overwrite)}")
 
 
+def _path(text: str) -> str:
+    """An argparse type: a path, `~` at its start the home folder."""
+    return os.path.expanduser(text)
+
+
 def _positive_int(text: str) -> int:
     """An argparse type: an integer >= 1 (checked before any model is built)."""
     try:
@@ -209,16 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a recipe, save the adapter, evaluate")
-    train.add_argument("recipe", help="recipe YAML file (see recipes/)")
+    train.add_argument("recipe", type=_path, help="recipe YAML file (see recipes/)")
     train.add_argument("--max-steps", type=int)
-    train.add_argument("--output-dir")
+    train.add_argument("--output-dir", type=_path)
     train.add_argument("--full", action="store_true", help="apply the recipe's 'full' section (train longer)")
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("eval", help="VQA accuracy (and loss/perplexity) of a saved adapter")
-    evaluate.add_argument("adapter")
-    evaluate.add_argument("--recipe", help="take the base model and the eval section from this recipe")
-    evaluate.add_argument("--data", help="a labelled data file to evaluate on (default: easy-VQA test)")
+    evaluate.add_argument("adapter", type=_path)
+    evaluate.add_argument("--recipe", type=_path, help="take the base model and the eval section from this recipe")
+    evaluate.add_argument("--data", type=_path, help="a labelled data file to evaluate on (default: easy-VQA test)")
     evaluate.add_argument("--format", default="llava", help="format of --data (llava, caption, coco, alpaca)")
     evaluate.add_argument("--limit", type=_positive_int, help="evaluate on this many evenly spaced questions")
     evaluate.add_argument("--grey-image", action="store_true", help="also answer with a neutral grey image")
@@ -231,22 +249,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=_eval)
 
     generate = commands.add_parser("generate", help="answer a question about an image with a saved adapter")
-    generate.add_argument("adapter")
-    generate.add_argument("--image")
+    generate.add_argument("adapter", type=_path)
+    generate.add_argument("--image", type=_path)
     generate.add_argument("--prompt", required=True)
-    generate.add_argument("--recipe", help="take the base model from this recipe instead of the adapter file")
+    generate.add_argument("--recipe", type=_path,
+                          help="take the base model from this recipe instead of the adapter file")
     generate.add_argument("--max-new-tokens", type=_positive_int,
                           help="tokens per answer (default: the answer protocol's, 32 without one)")
     generate.set_defaults(run=_generate)
 
     info = commands.add_parser("info", help="show what an adapter file holds")
-    info.add_argument("adapter", help="adapter folder or .safetensors file")
+    info.add_argument("adapter", type=_path, help="adapter folder or .safetensors file")
     info.set_defaults(run=_info)
 
     export = commands.add_parser("export", help="write base + adapter as a folder plain transformers loads")
-    export.add_argument("adapter")
-    export.add_argument("output", help="folder to write (config, safetensors weights, processor files)")
-    export.add_argument("--recipe", help="take the base model from this recipe instead of the adapter file")
+    export.add_argument("adapter", type=_path)
+    export.add_argument("output", type=_path, help="folder to write (config, safetensors weights, processor files)")
+    export.add_argument("--recipe", type=_path, help="take the base model from this recipe instead of the adapter file")
     export.add_argument("--overwrite", action="store_true",
                         help="replace OUTPUT if it is not empty (never the base model's own folder)")
     export.set_defaults(run=_export)

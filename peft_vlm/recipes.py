@@ -27,20 +27,39 @@ import dataclasses
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from peft_vlm.errors import ConfigError
-from peft_vlm.options import check_options
+from peft_vlm.options import at_least, check_options
 
 EMBEDDED = "embedded"
 
 
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_NODES = 100_000  # values in the recipe with every alias expanded: a recipe has hundreds
+
+
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-4` as a string (it wants `1.0e-4`); learning rates are written the short way."""
+    """YAML 1.1 reads `1e-4` as a string (it wants `1.0e-4`); learning rates are written the short way.
+
+    A key given twice in one mapping is an error naming it: PyYAML would keep the last one silently. (A key that
+    overrides one merged in with `<<:` is not repeated.)"""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key '{key_node.value}' is given twice", key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -50,8 +69,27 @@ _Loader.add_implicit_resolver(
 )
 
 
+def _expanded_size(node, sizes: dict) -> int:
+    """How many values `node` stands for once its aliases are expanded (each shared node counted once per use)."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 0  # a recursive alias counts as nothing more
+        children = ([child for pair in node.value for child in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
+
+
 def _yaml(text: str):
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    """The YAML document in `text`, refused when its aliases expand it beyond MAX_RECIPE_NODES values (a "billion
+    laughs" recipe would hang every step that walks it)."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_RECIPE_NODES:
+            raise yaml.YAMLError(f"its aliases expand it to over {MAX_RECIPE_NODES:,} values")
+        return loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
 
 
 def _one_line(error: yaml.YAMLError) -> str:
@@ -63,6 +101,7 @@ def _one_line(error: yaml.YAMLError) -> str:
 
 
 STREAMS = ("train", "captions", "instructions")
+PATH_KEYS = ("path", "image_root", "output_dir", "language_model", "vision_pretrained")  # `~` is the home folder
 SECTIONS = ("name", "description", "paper", "hardware", "model", "methods", "data", "train", "stages", "eval", "full")
 
 
@@ -75,7 +114,7 @@ class ModelSection:
     connector: str | None = None
     load_in_4bit: bool | None = None
     vision_options: dict | None = None
-    dtype: str | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = None
     train_vision_tower: bool | None = None
     image_boundaries: tuple[str, str] | None = None
     use_chat_template: bool | None = None
@@ -90,7 +129,7 @@ class DataSection:
     captions: dict | None = None
     instructions: dict | None = None
     resize: str | None = None
-    max_length: int | None = None
+    max_length: int | None = field(default=None, metadata=at_least(1))
     bad_samples: str | None = None
     image_root: str | None = None
 
@@ -100,7 +139,7 @@ class StreamSection:
     format: str | None = None
     path: str | None = None
     split: str | None = None
-    limit: int | None = None
+    limit: int | None = field(default=None, metadata=at_least(1))
     options: dict | None = None
     image_root: str | None = None
     bad_samples: str | None = None
@@ -111,15 +150,15 @@ class EvalSection:
     format: str | None = None
     path: str | None = None
     split: str | None = None
-    limit: int | None = None
+    limit: int | None = field(default=None, metadata=at_least(1))
     image_root: str | None = None
     grey_image: bool = False
-    zero_shot: bool | int = False  # true: every question; N: the first N
+    zero_shot: bool | int = field(default=False, metadata=at_least(0))  # true: every question; N: the first N
     text_only_ceiling: bool = False
-    verify_reload: bool | int = False  # true: every question; N: the first N
-    batch_size: int | None = None
+    verify_reload: bool | int = field(default=False, metadata=at_least(0))  # true: every question; N: the first N
+    batch_size: int | None = field(default=None, metadata=at_least(1))
     curve: dict | None = None  # {every: N, per_type: M}: accuracy against steps, accuracy_curve.png
-    max_new_tokens: int | None = None  # generated tokens per answer (8)
+    max_new_tokens: int | None = field(default=None, metadata=at_least(1))  # generated tokens per answer (8)
     answer_after: str | None = None  # score what follows this marker in the generation
     describe_first: bool = False  # two passes: the model describes the image, then answers after its description
 
@@ -134,13 +173,20 @@ class StageSection:
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] = (), full: bool = False) -> dict[str, Any]:
     """The recipe at `path` with `--full` and `--set` overrides applied, validated (see `validate_recipe`)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"no recipe file at '{path}'")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise ConfigError(f"recipe '{path}' is {path.stat().st_size:,} bytes; a recipe is at most "
+                          f"{MAX_RECIPE_BYTES:,}")
     try:
-        recipe = _yaml(path.read_text()) or {}
+        recipe = _yaml(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"recipe '{path}' is not valid YAML: {_one_line(error)}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"recipe '{path}' is nested too deeply to be a recipe") from None
+    if not recipe:
+        raise ConfigError(f"recipe '{path}' is empty; a recipe has sections model, methods, data, train, eval")
     if not isinstance(recipe, dict):
         raise ConfigError(f"recipe '{path}' must be a mapping of sections (model, methods, data, train, eval)")
     _check_sections(recipe, f"recipe '{path}'")
@@ -152,8 +198,19 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), full: bool =
     for override in [*(f"{key}={json.dumps(value)}" for key, value in longer.items() if full), *overrides]:
         apply_override(recipe, override)
     recipe.setdefault("name", path.stem)
+    _expand_user(recipe)
     validate_recipe(recipe, f"recipe '{path}'")
     return recipe
+
+
+def _expand_user(node: Any) -> None:
+    """`~` at the start of a path (PATH_KEYS, at any depth) becomes the home folder, as a shell would make it."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in list(items):
+        if key in PATH_KEYS and isinstance(value, str) and value.startswith("~"):
+            node[key] = os.path.expanduser(value)
+        else:
+            _expand_user(value)
 
 
 def _check_sections(recipe: dict, where: str) -> None:
@@ -179,7 +236,12 @@ def validate_recipe(recipe: dict, where: str = "recipe") -> None:
     _check_sections(recipe, where)
     if not isinstance(recipe.get("name"), str):
         raise ConfigError(f"{where}: name must be a string, got {recipe.get('name')!r}")
-    check_options(ModelSection, _mapping(recipe.get("model"), f"{where}, model section"), f"{where}, model section")
+    model = check_options(ModelSection, _mapping(recipe.get("model"), f"{where}, model section"),
+                          f"{where}, model section")
+    if model.get("connector") is not None:
+        from peft_vlm.model.connectors import check_connector
+
+        check_connector(model["connector"], f"{where}, model section: ")
     check_options(EvalSection, _mapping(recipe.get("eval"), f"{where}, eval section"), f"{where}, eval section")
     listed = recipe.get("stages") or []
     if not isinstance(listed, list):
@@ -256,9 +318,14 @@ def apply_override(recipe: dict, override: str) -> None:
 def build_model(spec: dict):
     """A VisionLanguageModel from the recipe's `model` section."""
     from peft_vlm.embedded.models import CONTRASTIVE_VISION, default_language_model_path, register_default_vision
+    from peft_vlm.model.connectors import check_connector
     from peft_vlm.model.vision_language_model import VisionLanguageModel
+    from peft_vlm.model.vision_towers import check_vision_options
+    from peft_vlm.model.weights_files import refuse_pickle_weights
 
     spec = {key: value for key, value in spec.items() if value is not None}
+    if "connector" in spec:  # before a tower is pretrained or a language model loaded
+        check_connector(spec["connector"], "model section: ")
     language_model = spec.pop("language_model", EMBEDDED)
     vision = spec.pop("vision", EMBEDDED)
     if language_model == EMBEDDED:
@@ -279,6 +346,8 @@ def build_model(spec: dict):
             )
         vision = [register_default_vision() if tower == EMBEDDED else tower for tower in vision]
     check_options(ModelSection, spec, "model section")
+    refuse_pickle_weights(spec, "model section")
+    check_vision_options(vision, spec.get("vision_options") or {}, "model section, vision_options")
     resize = spec.pop("resize", "resize")  # written by `base_spec` for adapter files; recipes set data.resize
     model = VisionLanguageModel.from_pretrained(language_model, vision=vision, **spec)
     model.resize = resize

@@ -24,6 +24,7 @@ from peft_vlm.data.prompting import (
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
     IMAGE_TOKEN_ID,
+    as_typed,
     conversation_segments,
     tokenize_with_images,
     with_placeholders,
@@ -85,6 +86,8 @@ class SampleEncoder:
         sample is a prompt (no answer needed) and ends with the generation prompt; it is not truncated."""
         source = str(sample.get("source", "sample"))
         messages = _checked_messages(sample, source, needs_answer=not generation)
+        messages = [m if m["role"] == "assistant" else {**m, "content": as_typed(self.tokenizer, m["content"])}
+                    for m in messages]
         try:
             segments = conversation_segments(self.tokenizer, messages, self.use_chat_template, generation)
         except Exception as error:  # a template's own checks (role order, ...) raise jinja errors or ValueError

@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from peft_vlm.data.records import RecordFile, row_source
+from peft_vlm.data.records import RecordFile, not_utf8, row_source
 from peft_vlm.data.report import INVALID_JSON, NO_ANSWER, WRONG_SCHEMA
 from peft_vlm.errors import ConfigError, DataError
 from peft_vlm.data.prompting import IMAGE_PLACEHOLDER
@@ -180,12 +180,15 @@ def read_coco_captions(
     path, root = Path(path), _root(path, image_root)
     if not path.is_file():
         raise DataError(str(path), "data file not found")
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_bytes())
+        data = json.loads(raw)
         files = {image["id"]: image["file_name"] for image in data["images"]}
         annotations = data["annotations"]
     except json.JSONDecodeError as error:
         raise DataError(str(path), INVALID_JSON, str(error)) from None
+    except UnicodeDecodeError as error:
+        raise not_utf8(path, error, len(raw)) from None
     except (KeyError, TypeError) as error:
         raise DataError(str(path), WRONG_SCHEMA, f"a COCO captions file needs images[].id/file_name and "
                                                  f"annotations[] ({error!r})") from None
@@ -220,7 +223,8 @@ def _looks_like_coco(file: RecordFile) -> bool:
 
 def read_dataset(path: str | os.PathLike, format: str, image_root: str | os.PathLike | None = None,
                  caption_prompt: str = CAPTION_PROMPT) -> Records | SampleList:
-    """Open a data file in one of FORMATS ("caption" also reads COCO files)."""
+    """Open a data file in one of FORMATS ("caption" also reads COCO files); `~` in either path is the home folder."""
+    path, image_root = Path(path).expanduser(), image_root and Path(image_root).expanduser()
     if format == "llava":
         return read_llava(path, image_root)
     if format == "coco":

@@ -3,14 +3,22 @@
 Images enter a prompt at a placeholder string (`<image>`). The text around each placeholder is tokenized on its own
 and the placeholder becomes a run of `IMAGE_TOKEN_ID` sentinels, one per visual token, so no token is added to the
 vocabulary of the frozen language model.
+
+Special-token text a user types (`</s>`, `<|im_start|>`, ...) stays text: `as_typed` marks it in user and system
+turns before the chat template renders them, and `tokenize_with_images` tokenizes what is marked with the tokenizer's
+`split_special_tokens`, so a prompt cannot end its turn early or open a new one.
 """
 from __future__ import annotations
+
+import re
 
 import torch
 
 IMAGE_PLACEHOLDER = "<image>"
 IMAGE_TOKEN_ID = -200  # never a real token id; replaced by visual tokens before the language model runs
 IGNORE_INDEX = -100  # label of positions that carry no loss
+TYPED_OPEN, TYPED_CLOSE = "\ue000", "\ue001"  # private-use characters around special-token text a user typed
+_TYPED = re.compile(f"[{TYPED_OPEN}{TYPED_CLOSE}]")
 
 # Used when the tokenizer has no chat template of its own (documented in the README).
 BUILTIN_TEMPLATE = "USER: {prompt}\nASSISTANT:"
@@ -29,6 +37,26 @@ def with_placeholders(prompt: str, num_images: int) -> str:
     if num_images and IMAGE_PLACEHOLDER not in prompt:
         return IMAGE_PLACEHOLDER * num_images + "\n" + prompt
     return prompt
+
+
+def as_typed(tokenizer, text: str) -> str:
+    """`text` (a user's) with each special token string in it marked, to be tokenized as the characters it is."""
+    specials = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    specials |= set(tokenizer.all_special_tokens)
+    text = _TYPED.sub("", text)
+    if not specials:
+        return text
+    pattern = "|".join(re.escape(token) for token in sorted(specials, key=len, reverse=True))
+    return re.sub(pattern, lambda match: TYPED_OPEN + match.group() + TYPED_CLOSE, text)
+
+
+def _tokenize_text(tokenizer, text: str) -> list[int]:
+    """Token ids of template text, where what `as_typed` marked is tokenized as plain text."""
+    ids = []
+    for index, part in enumerate(_TYPED.split(text)):  # marked parts are the odd ones
+        if part:
+            ids.extend(tokenizer(part, add_special_tokens=False, split_special_tokens=index % 2 == 1)["input_ids"])
+    return ids
 
 
 def leading_special_ids(tokenizer) -> list[int]:
@@ -54,7 +82,7 @@ def tokenize_with_images(
         if index:
             ids.extend([*open_ids, *[IMAGE_TOKEN_ID] * tokens_per_image, *close_ids])
         if chunk:
-            ids.extend(tokenizer(chunk, add_special_tokens=False)["input_ids"])
+            ids.extend(_tokenize_text(tokenizer, chunk))
     return ids
 
 

@@ -61,7 +61,7 @@ class RecordFile:
     def _scan_array(self):
         """Decode the elements of a top-level JSON array one by one from a sliding text window."""
         with open(self.path, "rb") as file:
-            window = _Window(file)
+            window = _Window(file, self.path)
             position, row = window.skip_space(0) + 1, 0  # past '['
             while True:
                 position = window.skip_space(position)
@@ -126,8 +126,8 @@ class _Window:
     """The rest of a UTF-8 file as text, read a chunk at a time, with the byte offset of any text position.
     Offsets are asked for in increasing order, so each character is encoded once to count its bytes."""
 
-    def __init__(self, file):
-        self.file = file
+    def __init__(self, file, path: Path):
+        self.file, self.path = file, path
         bom = file.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8
         file.seek(0)
         self.decoder = codecs.getincrementaldecoder("utf-8-sig")()
@@ -142,8 +142,12 @@ class _Window:
     def more(self, keep_from: int) -> int:
         """Drop the text before `keep_from` and read on; returns where `keep_from` now is (0)."""
         self.byte_offset(keep_from)
-        data = self.file.read(_CHUNK)
-        self.text = self.text[keep_from:] + self.decoder.decode(data, final=not data)
+        pending = len(self.decoder.getstate()[0])  # bytes of a character the last chunk cut in two
+        read_from, data = self.file.tell() - pending, self.file.read(_CHUNK)
+        try:
+            self.text = self.text[keep_from:] + self.decoder.decode(data, final=not data)
+        except UnicodeDecodeError as error:
+            raise not_utf8(self.path, error, read_from + pending + len(data)) from None
         self.counted, self.at_end = 0, not data
         return 0
 
@@ -154,6 +158,13 @@ class _Window:
             if position < len(self.text) or self.at_end:
                 return position
             position = self.more(position)
+
+
+def not_utf8(path: Path, error: UnicodeDecodeError, decoded_up_to: int) -> DataError:
+    """The DataError of a byte that is not UTF-8: the file and the byte's offset in it (`decoded_up_to`: the offset
+    just past the bytes that were being decoded; a decoder may have left a BOM out of `error.object`)."""
+    offset = decoded_up_to - len(error.object) + error.start
+    return DataError(str(path), "not UTF-8 text", f"byte 0x{error.object[error.start]:02x} at byte offset {offset}")
 
 
 def _skip(text: str, position: int) -> int:

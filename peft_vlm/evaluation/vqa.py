@@ -15,7 +15,8 @@ from PIL import Image
 
 from peft_vlm.data.answer_protocol import AnswerProtocol
 from peft_vlm.data.prompting import IMAGE_PLACEHOLDER
-from peft_vlm.data.report import Skipped
+from peft_vlm.data.report import WRONG_SCHEMA, Skipped
+from peft_vlm.errors import DataError
 
 ARTICLES = {"a", "an", "the"}
 GREY = (128, 128, 128)  # neutral: a black image is unlike anything in training and makes models babble
@@ -38,11 +39,18 @@ class Question:
 
     @classmethod
     def from_sample(cls, sample: dict, kind_of: Callable[[str], str] | None = None) -> "Question":
-        """A single-turn sample as the data readers give it (user turn with the question, assistant with the answer)."""
-        question = sample["messages"][0]["content"].replace(IMAGE_PLACEHOLDER, "").strip()
+        """A sample as the data readers give it: its first user turn is the question, the assistant turn after it the
+        answer (a system turn before them is not the question)."""
+        messages = sample["messages"]
+        asked = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
+        answer = next((m["content"] for m in messages[asked + 1:] if m["role"] == "assistant"), None)
+        if answer is None:
+            raise DataError(sample.get("source", "an eval row"), WRONG_SCHEMA,
+                            "a question needs a user turn and an assistant turn after it")
+        question = messages[asked]["content"].replace(IMAGE_PLACEHOLDER, "").strip()
         images = sample.get("images") or [None]
         kind = sample.get("kind") or (kind_of(question) if kind_of else "all")
-        return cls(question, sample["messages"][1]["content"], images[0], kind, sample.get("source", ""))
+        return cls(question, answer, images[0], kind, sample.get("source", ""))
 
 
 @dataclass
@@ -50,6 +58,7 @@ class Accuracy:
     correct: Counter = field(default_factory=Counter)
     total: Counter = field(default_factory=Counter)
     examples: list[tuple[str, str, str]] = field(default_factory=list)  # (question, expected, answered)
+    asked: int | None = None  # inputs the model was given: questions with one image and text share a greedy answer
 
     def add(self, kind: str, expected: str, answered: str, question: str, answer_after: str | None = None) -> None:
         """`answer_after`: the answer is what follows the last occurrence of this marker (none: no answer)."""
@@ -57,7 +66,7 @@ class Accuracy:
         if answer_after:
             answer = answered.rsplit(answer_after, 1)[1] if answer_after in answered else ""
         hit = normalize_answer(answer) == normalize_answer(expected)
-        for key in ("all", kind):
+        for key in {"all", kind}:  # a question without a type is counted once
             self.total[key] += 1
             self.correct[key] += hit
         self.examples.append((question, expected, answered))
@@ -117,6 +126,7 @@ def vqa_accuracy(
         answers = model.generate(images=[images_of[i] for i in indices], prompts=[prompts[i] for i in indices],
                                  max_new_tokens=protocol.max_new_tokens, protocol=False)  # paths open in generate
         answer_of.update(zip(keys, answers))
+    accuracy.asked = len(distinct)
     for q, key in zip(questions, inputs):
         accuracy.add(q.kind, q.answer, answer_of[key], q.question, protocol.answer_after)
     return accuracy

@@ -6,6 +6,7 @@ No pickle anywhere: tensors are safetensors, everything else is JSON.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from peft_vlm.version import __version__
 from peft_vlm.errors import AdapterFileError, AdapterMismatchError, ConfigError, UnknownMethodError
 from peft_vlm.methods.apply import apply, is_merged, rollback_on_error
 from peft_vlm.methods.registry import config_from_entry
+from peft_vlm.runtime.file_modes import like_other_outputs
 from peft_vlm.runtime.lm_layers import is_vision_language_model, language_model_of
 from peft_vlm.runtime.tracking import named_tracked_parameters, state_of
 
@@ -35,7 +37,7 @@ SAMPLES_PER_TENSOR = 4096
 
 
 def _adapter_path(path: str | os.PathLike) -> Path:
-    path = Path(path)
+    path = Path(path).expanduser()
     return path if path.suffix == ".safetensors" else path / ADAPTER_FILE_NAME
 
 
@@ -126,6 +128,7 @@ def write_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], met
     save_file(
         {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}, str(temporary), metadata=metadata
     )
+    like_other_outputs(temporary)
     os.replace(temporary, target)
     return target
 
@@ -162,7 +165,7 @@ def _json_field(raw: dict[str, str], key: str, kind: type, target: Path, require
     return value
 
 
-def _check_metadata(raw: dict[str, str], tensors: dict[str, torch.Tensor], target: Path) -> dict[str, Any]:
+def _check_metadata(raw: dict[str, str], tensors: set[str], target: Path) -> dict[str, Any]:
     """The file's metadata, every field checked against what `adapter_metadata` writes; an AdapterFileError names
     the first field that does not fit."""
     if raw.get("format") != FORMAT:
@@ -212,20 +215,31 @@ def _check_tensors(tensors: dict[str, torch.Tensor], target: Path) -> None:
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(metadata with JSON fields decoded and checked, tensors checked) of an adapter file."""
+    """(metadata with JSON fields decoded and checked, tensors checked) of an adapter file. The metadata is checked
+    from the file's header first: a file that is no adapter is refused without reading its tensors."""
     target = _adapter_path(path)
     if not target.is_file():
         raise AdapterFileError(f"no adapter file at '{target}'")
-    try:
-        with safe_open(str(target), framework="pt") as handle:
-            raw = handle.metadata() or {}
+    with _opened(target) as handle:
+        metadata = _check_metadata(handle.metadata() or {}, set(handle.keys()), target)
+        _method_configs(metadata, target)  # each method's options: names, types, the config's own checks
+        try:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as error:  # safetensors raises its own error types for corrupt headers
-        raise AdapterFileError(f"'{target}' is not a readable safetensors file: {error}") from None
-    metadata = _check_metadata(raw, tensors, target)
-    _method_configs(metadata, target)  # each method's options: names, types, the config's own checks
+        except Exception as error:  # safetensors raises its own error types for corrupt data
+            raise AdapterFileError(f"'{target}' is not a readable safetensors file: {error}") from None
     _check_tensors(tensors, target)
     return metadata, tensors
+
+
+@contextlib.contextmanager
+def _opened(target: Path):
+    """The safetensors file at `target`, open (its header read, no tensor yet)."""
+    try:
+        handle = safe_open(str(target), framework="pt")
+    except Exception as error:  # safetensors raises its own error types for corrupt headers
+        raise AdapterFileError(f"'{target}' is not a readable safetensors file: {error}") from None
+    with handle:
+        yield handle
 
 
 def _method_configs(metadata: dict[str, Any], target: Path) -> list[Any]:

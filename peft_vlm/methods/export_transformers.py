@@ -30,6 +30,7 @@ from peft_vlm.errors import ConfigError, PeftVlmError
 from peft_vlm.methods.apply import merge, unmerge
 from peft_vlm.methods.bias_scale import BiasScale
 from peft_vlm.runtime.attention import PREFIX
+from peft_vlm.runtime.file_modes import like_other_outputs
 from peft_vlm.runtime.tracking import state_of
 
 #: Built-in parts whose trained weights are the base's own (they need no merging).
@@ -216,7 +217,8 @@ def export_transformers(model: nn.Module, directory: str | os.PathLike, overwrit
 
     A wrapped transformers VLM keeps its architecture. Methods with no native form are refused by name. A folder
     that is not empty is replaced only with `overwrite=True`, and only once the new one is complete."""
-    given, directory = Path(directory), Path(directory).resolve()  # a symbolic link: the folder it names is replaced
+    given = Path(directory).expanduser()
+    directory = given.resolve()  # a symbolic link: the folder it names is replaced
     _refuse_unexportable(model)
     exporter = _exporter_for(model)
     _check_destination(model, directory, overwrite)
@@ -229,6 +231,7 @@ def export_transformers(model: nn.Module, directory: str | os.PathLike, overwrit
     try:
         with _merged_for_export(model):
             exporter(model, staging)
+        like_other_outputs(staging)
         _replace(directory, staging)
     except OSError as error:
         raise PeftVlmError(f"export_transformers: writing '{directory}' failed ({error.strerror or error}); "

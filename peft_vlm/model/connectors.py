@@ -149,7 +149,13 @@ def available_connectors() -> list[str]:
     return sorted(_connectors)
 
 
-def build_connector(name: str, vision_width: int, hidden_size: int) -> Connector:
+def check_connector(name: str, where: str = "") -> None:
+    """A ConfigError naming `name` unless it is a registered connector (checked before any model is loaded)."""
     if name not in available_connectors():
-        raise ConfigError(f"unknown connector '{name}'; available connectors: {', '.join(available_connectors())}")
+        raise ConfigError(f"{where}unknown connector '{name}'; "
+                          f"available connectors: {', '.join(available_connectors())}")
+
+
+def build_connector(name: str, vision_width: int, hidden_size: int) -> Connector:
+    check_connector(name)
     return _connectors[name](vision_width, hidden_size)

@@ -132,7 +132,8 @@ class TransformersVLM(VisionLanguageModule):
                               "load it in full precision or bf16 (dtype=torch.bfloat16)")
 
         try:
-            model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype or "auto", **kwargs)
+            model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype or "auto", use_safetensors=True,
+                                                                **kwargs)
             processor = AutoProcessor.from_pretrained(str(path))
         except (OSError, ValueError) as error:
             raise ModelLoadError(

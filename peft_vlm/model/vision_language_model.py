@@ -11,6 +11,7 @@ the resize mode (`model.resize`, recorded in adapter files) are the same at eval
 """
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -48,7 +49,7 @@ def load_language_model(path: str, load_in_4bit: bool = False, dtype: Any = None
         kwargs.setdefault("device_map", {"": 0} if torch.cuda.is_available() else "cpu")
         dtype = dtype or compute_dtype
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", use_safetensors=True, **kwargs)
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"could not load a causal language model from '{path}': {error}") from None
     if load_in_4bit:
@@ -123,9 +124,11 @@ class VisionLanguageModel(VisionLanguageModule):
         **kwargs,
     ) -> "VisionLanguageModel":
         """Build from a language model (local folder, hub id, or `llm=` instance with `tokenizer=`) and a vision tower
-        (an open_clip model name with optional `vision_pretrained` tag, or any module giving patch tokens)."""
+        (an open_clip model name with optional `vision_pretrained` tag, or any module giving patch tokens). `~` at the
+        start of a path is the home folder."""
         if (language_model is None) == (llm is None):
             raise ConfigError("pass exactly one of a language model path/hub id or llm=<PreTrainedModel>")
+        language_model = language_model and os.path.expanduser(language_model)
         from peft_vlm.model import transformers_vlm  # a VLM that transformers ships as a class is wrapped whole
 
         if llm is None and transformers_vlm.transformers_vlm_type(language_model):

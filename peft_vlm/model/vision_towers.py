@@ -19,34 +19,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from peft_vlm.errors import ConfigError, ModelLoadError
+from peft_vlm.options import check_arguments
+from peft_vlm.model import weights_files
 
 TIMM_PREFIX = "timm:"
 TRANSFORMERS_PREFIX = "transformers:"
-
-
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
-
-
-def refuse_pickle_weights(value, where: str) -> None:
-    """Refuse a model description (any nesting of mappings and lists) that names a weights file other than
-    safetensors, or a folder holding pickled weights and no safetensors: open_clip, timm and transformers read those
-    with `torch.load`. Descriptions read from adapter files pass through here before anything is loaded."""
-    if isinstance(value, dict):
-        for item in value.values():
-            refuse_pickle_weights(item, where)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            refuse_pickle_weights(item, where)
-    elif isinstance(value, str) and value:
-        pickled = value.lower().endswith(PICKLE_SUFFIXES) or (
-            os.path.isfile(value) and not value.endswith(".safetensors")
-        )
-        if os.path.isdir(value):
-            names = os.listdir(value)
-            pickled = any(n.endswith(PICKLE_SUFFIXES) for n in names) and not any(".safetensors" in n for n in names)
-        if pickled:
-            raise ModelLoadError(f"{where}: '{value}' is not safetensors weights; weights named by an adapter file "
-                                 f"are read with safetensors only (no pickle)")
 
 
 class VisionTower(nn.Module):
@@ -73,6 +50,8 @@ class OpenClipVisionTower(VisionTower):
         if tokens not in ("patches", "pooled"):
             raise ModelLoadError(f"vision tower '{name}': tokens={tokens!r}; use 'patches' or 'pooled'")
         import open_clip  # imported here: it pulls in torchvision and timm
+
+        weights_files.require_open_clip_safetensors(name, pretrained)
 
         try:
             # Without pretrained weights the tower is random; a fixed seed makes "random" reproducible, so a rebuilt
@@ -207,7 +186,7 @@ class TransformersVisionTower(VisionTower):
 
         try:
             config = AutoConfig.from_pretrained(path)
-            model = AutoModel.from_pretrained(path)
+            model = AutoModel.from_pretrained(path, use_safetensors=True)
             processor = image_processor or AutoImageProcessor.from_pretrained(path)
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"could not load a transformers vision model from '{path}': {error}") from None
@@ -327,18 +306,32 @@ class FusedVisionTower(VisionTower):
         return torch.cat([features[0], features[1].to(features[0].dtype)], dim=-1)
 
 
+def _tower_arguments(vision, pretrained=None) -> tuple[type[VisionTower], tuple]:
+    """The tower class for `vision` and the positional arguments it is built with (options come as keywords)."""
+    if isinstance(vision, str) and vision.startswith(TRANSFORMERS_PREFIX):
+        return TransformersVisionTower, (vision[len(TRANSFORMERS_PREFIX):],)
+    if isinstance(vision, str) and vision.startswith(TIMM_PREFIX):
+        return TimmVisionTower, (vision[len(TIMM_PREFIX):], bool(pretrained))
+    if isinstance(vision, str):
+        return OpenClipVisionTower, (vision, pretrained)
+    if isinstance(vision, nn.Module):
+        return ModuleVisionTower, (vision,)
+    raise ModelLoadError(f"vision= must be an open_clip model name or an nn.Module, got {type(vision).__name__}")
+
+
+def check_vision_options(vision, options: dict, where: str = "vision_options") -> None:
+    """A ConfigError naming the first of `options` (model.vision_options) that the tower `vision` does not take."""
+    if not isinstance(vision, (list, tuple, VisionTower)):
+        tower_class, given = _tower_arguments(vision)
+        check_arguments(tower_class.__init__, options, where, None, *given)
+
+
 def _single_tower(vision, pretrained=None, **options) -> VisionTower:
     if isinstance(vision, VisionTower):
         return vision
-    if isinstance(vision, str) and vision.startswith(TRANSFORMERS_PREFIX):
-        return TransformersVisionTower(vision[len(TRANSFORMERS_PREFIX):], **options)
-    if isinstance(vision, str) and vision.startswith(TIMM_PREFIX):
-        return TimmVisionTower(vision[len(TIMM_PREFIX):], pretrained=bool(pretrained), **options)
-    if isinstance(vision, str):
-        return OpenClipVisionTower(vision, pretrained=pretrained, **options)
-    if isinstance(vision, nn.Module):
-        return ModuleVisionTower(vision, **options)
-    raise ModelLoadError(f"vision= must be an open_clip model name or an nn.Module, got {type(vision).__name__}")
+    tower_class, given = _tower_arguments(vision, pretrained)
+    check_arguments(tower_class.__init__, options, "vision_options", None, *given)
+    return tower_class(*given, **options)
 
 
 def build_vision_tower(vision, pretrained: str | None = None, **options) -> VisionTower:

@@ -1,4 +1,5 @@
 """The runtime layer: which methods a model carries (`tracking`), the per-call token context (`token_context`),
-attention extensions (`attention`) and helpers about the language model (`lm_layers`). Imports nothing else of the
+attention extensions (`attention`), helpers about the language model (`lm_layers`) and the mode of saved files
+(`file_modes`). Imports nothing else of the
 package but `peft_vlm.errors`.
 """

@@ -25,7 +25,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from peft_vlm.errors import ConfigError, PeftVlmError
 from peft_vlm.methods.adapter_file import write_adapter
+from peft_vlm.runtime.file_modes import like_other_outputs
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 REPLACED = ".tmp-replaced"  # a checkpoint being replaced by a newer write of the same step
@@ -163,6 +164,8 @@ def write_checkpoint(
         save_file(optimizer_tensors, str(temporary / "optimizer.safetensors"))
         (temporary / "trainer_state.json").write_text(json.dumps(state, indent=1))
     barrier()
+    if is_main:
+        like_other_outputs(temporary)
     if is_main:  # a checkpoint of the same step (a finished run started again) goes aside first, never missing
         replaced = folder.with_name(folder.name + REPLACED)
         shutil.rmtree(replaced, ignore_errors=True)
@@ -203,13 +206,18 @@ def newest_intact(output_dir: str | os.PathLike, rank: int) -> tuple[Checkpoint 
     return None, skipped
 
 
-def resume_point(output_dir: str | os.PathLike, accelerator, keep: int, resume: bool) -> Checkpoint | None:
+def resume_point(output_dir: str | os.PathLike, accelerator, keep: int, resume: bool,
+                 fits: Callable[[Checkpoint], None] = lambda checkpoint: None) -> Checkpoint | None:
     """At the start of a run (every process must call this): drop interrupted writes, find the checkpoint to resume
-    from (with `resume`), move the corrupt newer ones aside, logging each, and keep the newest `keep` of the rest."""
+    from (with `resume`), move the corrupt newer ones aside, logging each, and keep the newest `keep` of the rest.
+    `fits(checkpoint)` raises when this run cannot continue it (other methods): before any checkpoint is moved or
+    removed, so that the refused run leaves the folder as it found it."""
     if accelerator.is_main_process:
         remove_interrupted(output_dir)
     accelerator.wait_for_everyone()
     checkpoint, skipped = newest_intact(output_dir, accelerator.process_index) if resume else (None, [])
+    if checkpoint is not None:
+        fits(checkpoint)  # every process read the same checkpoint, so every process refuses alike
     accelerator.wait_for_everyone()  # every process has read before any folder is renamed
     if accelerator.is_main_process:
         for folder, reason in skipped:
@@ -270,12 +278,12 @@ def save(output_dir: str | os.PathLike, step: int, backend, adapter_tensors: dic
     return folder
 
 
-def load(checkpoint: Checkpoint, backend, output_dir: str | os.PathLike, trained_names: list[str]) -> dict[str, Any]:
-    """Restore this process's RNG states, the trained parameters and the optimizer states of `checkpoint`;
-    returns the trainer state it holds."""
+def check_fits(checkpoint: Checkpoint, deepspeed: bool, output_dir: str | os.PathLike,
+               trained_names: list[str]) -> None:
+    """A ConfigError unless a run with these trained tensors (and DeepSpeed or not) can continue `checkpoint`."""
     folder, state = checkpoint.folder, checkpoint.state
     where = f"start in a new output_dir (TrainConfig.output_dir={str(output_dir)!r})"
-    if state.get("deepspeed", False) != backend.deepspeed:
+    if state.get("deepspeed", False) != deepspeed:
         raise ConfigError(f"checkpoint '{folder}' was written {'with' if state.get('deepspeed') else 'without'} "
                           f"DeepSpeed; resume it the same way, or {where}")
     if sorted(checkpoint.adapter) != sorted(trained_names):
@@ -284,6 +292,13 @@ def load(checkpoint: Checkpoint, backend, output_dir: str | os.PathLike, trained
         raise ConfigError(f"checkpoint '{folder}' was written for other methods "
                           f"(tensors not trained here: {extra[:3]}, "
                           f"trained here but not in it: {missing[:3]}); {where}")
+
+
+def load(checkpoint: Checkpoint, backend, output_dir: str | os.PathLike, trained_names: list[str]) -> dict[str, Any]:
+    """Restore this process's RNG states, the trained parameters and the optimizer states of `checkpoint`;
+    returns the trainer state it holds."""
+    check_fits(checkpoint, backend.deepspeed, output_dir, trained_names)
+    folder, state = checkpoint.folder, checkpoint.state
     if checkpoint.rng is not None:
         set_rng_state(*checkpoint.rng)
     backend.load_state(folder, checkpoint.adapter,

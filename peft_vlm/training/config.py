@@ -71,6 +71,8 @@ class TrainConfig:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.output_dir, (str, os.PathLike)):
+            self.output_dir = os.path.expanduser(self.output_dir)
         check_options(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "TrainConfig")
         for name, (valid, accepted) in _ranges(self).items():
             if not valid:

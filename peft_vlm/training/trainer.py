@@ -12,6 +12,8 @@ run sees exactly the batches the uninterrupted run would have seen.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -34,6 +36,22 @@ from peft_vlm.training.preflight import check_output_dir, refuse_merged
 from peft_vlm.training.reporting import Reporter
 from peft_vlm.training.run_lock import training_lock
 from peft_vlm.training.streams import DataStream, make_streams, micro_batches, param_groups, stand_in_batch, stream_for
+
+log = logging.getLogger(__name__)
+
+
+def say_how_it_resumes(checkpoint: ckpt.Checkpoint, config: TrainConfig) -> None:
+    """A warning when a rerun does not simply finish what it started: the folder's run is already at (or past)
+    `max_steps`, so the adapter it returns is that run's, or it goes on to another `max_steps` than it began with."""
+    step, started_with = checkpoint.state["step"], checkpoint.state.get("max_steps")
+    if step >= config.max_steps:
+        log.warning("'%s' holds a run already trained to step %d (max_steps=%d asked now): no step is trained; the "
+                    "adapter returned is the one of step %d. To train anew, use another output_dir or resume=False",
+                    config.output_dir, step, config.max_steps, step)
+    elif started_with is not None and started_with != config.max_steps:
+        log.warning("resuming the run in '%s' (started with max_steps=%d) at step %d and training on to "
+                    "max_steps=%d: the learning-rate schedule now spans %d steps",
+                    config.output_dir, started_with, step, config.max_steps, config.max_steps)
 
 
 class TrainingStopped(PeftVlmError):
@@ -173,9 +191,14 @@ class JointTrainer:
     def _run(self) -> TrainResult:
         config, accelerator = self.config, self.accelerator
         start = time.time()
-        checkpoint = ckpt.resume_point(config.output_dir, accelerator, config.keep_checkpoints, resume=config.resume)
+        fits = functools.partial(ckpt.check_fits, deepspeed=self.deepspeed, output_dir=config.output_dir,
+                                 trained_names=self.trained_names)
+        checkpoint = ckpt.resume_point(config.output_dir, accelerator, config.keep_checkpoints,
+                                       resume=config.resume, fits=fits)
         if checkpoint is not None:
             self.load_checkpoint(checkpoint)
+            if accelerator.is_main_process:
+                say_how_it_resumes(checkpoint, config)
         reporter = Reporter(config, accelerator, list(self.streams))
         reporter.start(self.step)
         self.model.train()
@@ -241,6 +264,7 @@ class JointTrainer:
             "nonfinite_in_row": self.nonfinite_in_row,
             "streams": {name: stream.cursor() for name, stream in self.streams.items()},
             "history": self.history,
+            "max_steps": self.config.max_steps,  # what a rerun with another max_steps is told it continues
         }
         return ckpt.save(self.config.output_dir, self.step, self.backend, self.full_tensors(), self.metadata, state,
                          keep=self.config.keep_checkpoints)

@@ -146,7 +146,7 @@ def test_an_adapter_naming_a_pickle_file_is_refused_without_any_unpickling(pickl
         assert err.count("\n") == 1 and "tower.pt' is not safetensors weights" in err and "base_model" in err
     assert loads == [] and not marker.exists()
     # the same file without the check would have reached torch.load: the refusal above is what stopped it
-    monkeypatch.setattr("peft_vlm.model.vision_towers.refuse_pickle_weights", lambda *a: None)
+    monkeypatch.setattr("peft_vlm.model.weights_files.refuse_pickle_weights", lambda *a: None)
     assert cli(["generate", str(path), "--prompt", "Hi"]) == 2
     assert loads and str(loads[0][0]).endswith("tower.pt")
 
