@@ -254,31 +254,14 @@ def apply_override(recipe: dict, override: str) -> None:
 
 
 def build_model(spec: dict):
-    """A VisionLanguageModel from the recipe's `model` section."""
-    from peft_vlm.embedded.models import CONTRASTIVE_VISION, default_language_model_path, register_default_vision
+    """A VisionLanguageModel from the recipe's `model` section (the embedded default's names resolve in
+    `VisionLanguageModel.from_pretrained`)."""
     from peft_vlm.model.vision_language_model import VisionLanguageModel
 
     spec = {key: value for key, value in spec.items() if value is not None}
+    check_options(ModelSection, spec, "model section")
     language_model = spec.pop("language_model", EMBEDDED)
     vision = spec.pop("vision", EMBEDDED)
-    if language_model == EMBEDDED:
-        language_model = default_language_model_path()
-    if vision == EMBEDDED:
-        vision = register_default_vision()
-    elif vision == CONTRASTIVE_VISION:  # trained on first use (minutes), then read from the cache
-        from peft_vlm.embedded.tower_pretraining import PRETRAINED_VISION, pretrained_tower
-
-        vision, spec["vision_pretrained"] = PRETRAINED_VISION, pretrained_tower()
-        # the last block: linear probes read shape best there (benchmarks/VISION_LEVERS.md)
-        spec["vision_options"] = {"feature_layer": -1, **spec.get("vision_options", {})}
-    elif isinstance(vision, list):  # two fused towers, either of them may be the embedded one
-        if CONTRASTIVE_VISION in vision:
-            raise ConfigError(
-                f"model.vision: fused towers take no weights file per tower, so {CONTRASTIVE_VISION!r} (a pretrained "
-                f"tower) cannot be one of them; use {EMBEDDED!r} or open_clip model names in the list"
-            )
-        vision = [register_default_vision() if tower == EMBEDDED else tower for tower in vision]
-    check_options(ModelSection, spec, "model section")
     resize = spec.pop("resize", "resize")  # written by `base_spec` for adapter files; recipes set data.resize
     model = VisionLanguageModel.from_pretrained(language_model, vision=vision, **spec)
     model.resize = resize

@@ -122,7 +122,7 @@ def test_bad_recipe_inputs_are_one_line_errors(tiny_files, capsys):
         load_recipe(tiny_files / "bad2.yaml")  # refused on load, before any model is built
     with pytest.raises(pv.ConfigError, match="unknown training option.*max_stepz"):
         pv.TrainConfig.from_dict({"max_stepz": 3})
-    with pytest.raises(pv.ConfigError, match="model.vision: fused towers.*'embedded_contrastive'"):
+    with pytest.raises(pv.ConfigError, match="vision: fused towers.*'embedded_contrastive'"):
         build_model({"vision": ["embedded", "embedded_contrastive"]})
 
 
