@@ -457,7 +457,10 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
     figures["train_seconds"] = sum(result.seconds for result in results)
     figures["steps"] = sum(result.steps for result in results)
     figures["wall_seconds"] = time.time() - start
-    write_metrics(figures, run_dir(recipe) / "metrics.json", model)
+    metrics = write_metrics(figures, run_dir(recipe) / "metrics.json", model)
+    from peft_vlm.methods.model_card import write_model_card
+
+    write_model_card(results[-1].adapter_path, json.loads(metrics.read_text()))  # now with its evaluation table
     return figures
 
 
@@ -470,6 +473,13 @@ def write_metrics(figures: dict[str, Any], path: Path, model) -> Path:
     if model.answer_protocol is not None:
         metrics["answer_protocol"] = model.answer_protocol.to_dict()
     path.write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def write_recipe(recipe: dict, path: Path) -> Path:
+    """The recipe as it ran (`--full` and `--set` applied) beside its adapter, so the run can be repeated."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
 
 
@@ -503,6 +513,8 @@ def train_stages(model, recipe: dict, evaluation: Evaluation, log=print):
             callbacks=accuracy_curve(model, evaluation, config.output_dir),
         )
         results.append(trainer.train())
+        if trainer.accelerator.is_main_process:
+            write_recipe(recipe, Path(config.output_dir) / "recipe.yaml")
         for dataset in datasets.values():
             if dataset.report.bad or dataset.report.truncated:
                 log(dataset.report.summary())

@@ -12,6 +12,7 @@ run sees exactly the batches the uninterrupted run would have seen.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from torch import nn
 from peft_vlm.data.collate import Collator
 from peft_vlm.errors import ConfigError, PeftVlmError
 from peft_vlm.methods.adapter_file import adapter_metadata, write_adapter
+from peft_vlm.methods.model_card import write_model_card
 from peft_vlm.runtime.tracking import named_tracked_parameters
 from peft_vlm.training import checkpoint as ckpt
 from peft_vlm.training import deepspeed as ds
@@ -227,10 +229,20 @@ class JointTrainer:
         """Every trained tensor in full (all processes must call this; each gets the full tensors)."""
         return self.backend.full_tensors(self.trained_names)
 
+    def training_facts(self) -> dict:
+        """What the adapter file and its model card record of the run: steps done, and each stream's data."""
+        def described(dataset) -> dict:
+            file = getattr(getattr(getattr(dataset, "records", None), "file", None), "path", None)
+            return {"rows": len(dataset), **({"file": str(file)} if file else {})}
+
+        return {"steps": self.step, "data": {name: described(s.dataset) for name, s in self.streams.items()}}
+
     def save_adapter(self, path: Path) -> Path:
+        """The trained adapter, with the run's facts in its metadata and a model card (README.md) beside it."""
         tensors = self.full_tensors()
         if self.accelerator.is_main_process:
-            write_adapter(path, tensors, self.metadata)
+            path = write_adapter(path, tensors, {**self.metadata, "training": json.dumps(self.training_facts())})
+            write_model_card(path)
         self.accelerator.wait_for_everyone()
         return Path(path)
 
