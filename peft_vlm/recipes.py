@@ -92,7 +92,8 @@ class DataSection:
     resize: str | None = None
     max_length: int | None = None
     bad_samples: str | None = None
-    image_root: str | None = None
+    image_root: str | None = None  # image paths are relative to each data file's folder unless this is given
+    max_skipped_share: float | None = None  # under bad_samples: skip, the share of rows a run may skip (0.05)
 
 
 @dataclass
@@ -104,6 +105,7 @@ class StreamSection:
     options: dict | None = None
     image_root: str | None = None
     bad_samples: str | None = None
+    max_skipped_share: float | None = None
 
 
 @dataclass
@@ -195,12 +197,19 @@ def validate_recipe(recipe: dict, where: str = "recipe") -> None:
         data = check_options(DataSection, _mapping(stage["data"], f"{at}, data section"), f"{at}, data section")
         for stream in STREAMS:
             if data.get(stream) is not None:
-                check_options(StreamSection, data[stream], f"{at}, data.{stream}")
+                share = check_options(StreamSection, data[stream], f"{at}, data.{stream}").get("max_skipped_share")
+                _check_share(share, f"{at}, data.{stream}.max_skipped_share")
+        _check_share(data.get("max_skipped_share"), f"{at}, data.max_skipped_share")
         train = {**(stage["train"] or {}), "output_dir": str(output_dir_of(recipe, stage, len(all_stages)))}
         try:
             TrainConfig.from_dict(train)
         except ConfigError as error:
             raise ConfigError(f"{at}, train section: {error}") from None
+
+
+def _check_share(value, where: str) -> None:
+    if value is not None and not 0 <= value <= 1:
+        raise ConfigError(f"{where}: {value!r} is not a share between 0 and 1")
 
 
 def run_dir(recipe: dict) -> Path:
@@ -300,14 +309,16 @@ def build_dataset(spec: dict, encoder, shared: dict, report=None):
     spec = {**shared, **spec}
     data_format = spec.get("format")
     policy = spec.get("bad_samples", "error")
+    share = spec.get("max_skipped_share", 0.05)
     if data_format == "easy_vqa":
         records = easy_vqa.instruction_samples(spec.get("split", "train"), spec.get("limit"), **spec.get("options", {}))
-        return SampleDataset(records, encoder, policy, report)
+        return SampleDataset(records, encoder, policy, report, share)
     if data_format == "easy_vqa_captions":
-        return SampleDataset(easy_vqa.caption_samples(spec.get("split", "train")), encoder, policy, report)
+        return SampleDataset(easy_vqa.caption_samples(spec.get("split", "train")), encoder, policy, report, share)
     if "path" not in spec:
         raise ConfigError(f"data entry {spec!r} needs a 'path' (or format easy_vqa / easy_vqa_captions)")
-    return open_dataset(spec["path"], data_format, encoder, policy, spec.get("image_root"), report=report)
+    return open_dataset(spec["path"], data_format, encoder, policy, spec.get("image_root"), report=report,
+                        max_skipped_share=share)
 
 
 def stages(recipe: dict) -> list[dict]:
@@ -476,6 +487,24 @@ def write_metrics(figures: dict[str, Any], path: Path, model) -> Path:
     return path
 
 
+def check_every_group_has_data(model, datasets: dict, config, where: str) -> None:
+    """Refuse a stage whose data leaves a trainable group untrained, e.g. after `--set data.captions=null` or
+    `--set stages=null` removed the stream or stage that fed it: it would train nothing there, silently."""
+    from peft_vlm.runtime.tracking import named_tracked_parameters
+
+    groups = {group for _, _, group in named_tracked_parameters(model).values()}
+    if not datasets:
+        raise ConfigError(f"{where} has no training data: set data.train, or data.captions and data.instructions "
+                          f"(was a stream or stage removed with --set?)")
+    fed = groups if "train" in datasets else {
+        *(config.caption_groups if "captions" in datasets else ()),
+        *(config.instruction_groups if "instructions" in datasets else ())}
+    if groups - fed:
+        missing = ", ".join(sorted(groups - fed))
+        raise ConfigError(f"{where}: trainable group(s) {missing} get no data from {', '.join(sorted(datasets))} "
+                          f"(was data.captions or data.instructions, or the stage that fed them, removed with --set?)")
+
+
 def write_recipe(recipe: dict, path: Path) -> Path:
     """The recipe as it ran (`--full` and `--set` applied) beside its adapter, so the run can be repeated."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -494,7 +523,7 @@ def train_stages(model, recipe: dict, evaluation: Evaluation, log=print):
     for stage in all_stages:
         apply(model, *method_specs(stage["methods"]))
         data = dict(stage["data"] or {})
-        shared = {k: data.pop(k) for k in ("bad_samples", "image_root") if k in data}
+        shared = {k: data.pop(k) for k in ("bad_samples", "image_root", "max_skipped_share") if k in data}
         resize, max_length = data.pop("resize", None), data.pop("max_length", None)
         encoder = SampleEncoder.for_model(model, resize=resize, max_length=max_length)
         # a stream set to null (e.g. `--set data.captions=null`) is left out
@@ -505,6 +534,7 @@ def train_stages(model, recipe: dict, evaluation: Evaluation, log=print):
         train_options = dict(stage["train"] or {})
         train_options["output_dir"] = str(output_dir_of(recipe, stage, len(all_stages)))
         config = TrainConfig.from_dict(train_options)
+        check_every_group_has_data(model, datasets, config, f"stage '{stage['name']}'")
         log(f"stage {stage['name']}:\n{trainable_summary(model)}")
         trainer = JointTrainer(
             model, config,

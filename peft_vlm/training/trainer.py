@@ -134,6 +134,9 @@ class JointTrainer:
             group["lr"] = group["initial_lr"] * factor
         batches, slots = micro_batches(stream, self.collate, self.config, self.accelerator.num_processes,
                                        self.accelerator.process_index)
+        rows = self.accelerator.gather(torch.tensor([sum(len(batch) for batch in batches)], device=device))
+        if hasattr(stream.dataset, "check_skipped"):  # every process sees the same rows count: all stop together
+            stream.dataset.check_skipped(lost_batch=int(rows.sum()) == 0)
         total_loss, tokens, finite = torch.zeros((), device=device), 0, True
         with backend.training(stream.name):
             for micro, batch in enumerate(batches):
