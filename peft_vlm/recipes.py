@@ -5,7 +5,9 @@
     methods:  presets or method names from adapters/, or {method: NAME, option: value, ...}
     data:     one group:  train: {format, path, ...}
               joint:      captions: {...}, instructions: {...}
-              and resize, max_length, bad_samples, image_root
+              and resize, max_length, bad_samples, image_root (image paths are relative to each data
+              file's folder unless it is given), max_skipped_share (bad_samples: skip stops a run that skips more
+              than this share of its rows, 0.05, or loses a whole batch)
     train:    TrainConfig fields
     full:     overrides applied by `peft-vlm train RECIPE --full` (e.g. `train.max_steps: 1000`)
     stages:   optional list of {name, methods, data, train} run in order on the same model (LLaVA's two stages);
