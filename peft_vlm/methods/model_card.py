@@ -12,7 +12,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from peft_vlm.methods.adapter_file import adapter_facts
+from peft_vlm.methods.adapter_file import ADAPTER_FILE_NAME, adapter_facts
 
 CARD_NAME = "README.md"
 DEFAULT_OPTIONS = {"connector": "mlp2x_gelu", "load_in_4bit": False, "vision_pretrained": None, "resize": "resize"}
@@ -73,8 +73,15 @@ def model_card(adapter_file: str | Path, metrics: dict[str, Any] | None = None) 
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
+def card_path(adapter_file: str | Path) -> Path:
+    """`README.md` in an adapter's folder; `NAME.md` beside an adapter saved as `NAME.safetensors`, which may share
+    its folder with other files (a project's own README.md)."""
+    adapter_file = Path(adapter_file)
+    return adapter_file.with_name(CARD_NAME if adapter_file.name == ADAPTER_FILE_NAME else f"{adapter_file.stem}.md")
+
+
 def write_model_card(adapter_file: str | Path, metrics: dict[str, Any] | None = None) -> Path:
-    """`README.md` beside the adapter file; returns its path."""
-    path = Path(adapter_file).parent / CARD_NAME
+    """The model card beside the adapter file (`card_path`); returns its path."""
+    path = card_path(adapter_file)
     model_card(adapter_file, metrics).save(path)
     return path

@@ -5,7 +5,6 @@ import os
 import stat
 from pathlib import Path
 
-import pytest
 import yaml
 from huggingface_hub import ModelCard
 from PIL import Image
@@ -79,8 +78,9 @@ def test_a_recipe_run_leaves_its_recipe_metrics_and_an_evaluation_table_beside_t
     _mode(out / "recipe.yaml"), _mode(out / "metrics.json")
 
 
-@pytest.mark.parametrize("name", ["README.md"])
-def test_an_adapter_saved_to_a_file_name_puts_its_card_in_the_same_folder(vlm_factory, tmp_path, name):
+def test_an_adapter_saved_under_a_file_name_gets_a_card_of_that_name_and_leaves_readme_alone(vlm_factory, tmp_path):
+    (tmp_path / "README.md").write_text("a project's own readme")
     model = pv.apply(vlm_factory(), pv.BiasScaleConfig())
     pv.save_adapter(model, tmp_path / "mine.safetensors")
-    assert (tmp_path / name).is_file()
+    assert ModelCard.load(tmp_path / "mine.md").data.library_name == "peft_vlm"
+    assert (tmp_path / "README.md").read_text() == "a project's own readme"
