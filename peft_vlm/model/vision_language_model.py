@@ -38,6 +38,8 @@ BASE_NAMES: list[Callable[[dict], dict]] = []
 #: registers "embedded" and "embedded_contrastive")
 NAMED_BASES: list[Callable[[dict], dict]] = []
 DEFAULT_TOWER = "ViT-L-14"
+#: portable language model name -> the hub id of the model it is (a model card's `base_model`)
+HUB_IDS: dict[str, str] = {}
 
 
 def resolve_base_names(spec: dict) -> dict:

@@ -75,3 +75,13 @@ def test_adapter_that_names_another_machines_cache_paths_still_loads(tmp_path, c
     tensors = {name: parameter for name, (parameter, _, _) in named_tracked_parameters(model).items()}
     path = write_adapter(tmp_path / "old", tensors, {**metadata, "base_model": json.dumps(spec)})
     assert main(["generate", str(path), "--prompt", "Hello", "--max-new-tokens", "2"]) == 0
+
+
+def test_the_model_card_names_the_embedded_default_by_its_hub_id(by_name, tmp_path):
+    from huggingface_hub import ModelCard
+
+    model = pv.VisionLanguageModel.from_pretrained("embedded")
+    _adapter(model, tmp_path)
+    card = ModelCard.load(tmp_path / "adapter" / "README.md")
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "pv.VisionLanguageModel.from_pretrained('embedded', vision='embedded_contrastive'" in card.text
