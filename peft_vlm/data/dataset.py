@@ -45,20 +45,20 @@ class SampleDataset(Dataset):
         self.report = report if report is not None else DataReport()
         self.max_skipped_share = max_skipped_share
 
-    def check_skipped(self, lost_batch: bool = False) -> None:
-        """Under policy "skip", stop with the skip report (a DataError naming the file and the first bad rows) when
-        a whole batch was lost, or when more than `max_skipped_share` of the rows have been skipped (of the
-        dataset's rows, or of the rows seen once it has been read more than once): a run must not quietly train on
-        a fraction of its data."""
+    def skip_error(self, lost_batch: bool = False) -> DataError | None:
+        """Under policy "skip", the error that stops a run (naming the file and the first bad rows, with the skip
+        report) when a whole batch was lost, or when more than `max_skipped_share` of the rows have been skipped
+        (of the dataset's rows, or of the rows seen once it has been read more than once): a run must not quietly
+        train on a fraction of its data. None while the run may go on."""
         report = self.report
         if self.policy != "skip" or not report:
-            return
-        allowed = self.max_skipped_share * max(report.seen, len(self))
-        if lost_batch or report.num_bad > allowed:
+            return None
+        if lost_batch or report.num_bad > self.max_skipped_share * max(report.seen, len(self)):
             file = getattr(getattr(self.records, "file", None), "path", None)
             why = "every row of a batch" if lost_batch else f"more than {100 * self.max_skipped_share:g}% of the rows"
-            raise DataError(str(file or report.bad[0].source), TOO_MANY_SKIPPED,
-                            f"{why} skipped as bad (data.max_skipped_share); {report.summary(max_rows=5)}")
+            return DataError(str(file or report.bad[0].source), TOO_MANY_SKIPPED,
+                             f"{why} skipped as bad (data.max_skipped_share); {report.summary(max_rows=5)}")
+        return None
 
     def __len__(self) -> int:
         return len(self.records)

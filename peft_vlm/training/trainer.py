@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from peft_vlm.data.collate import Collator
-from peft_vlm.errors import ConfigError, PeftVlmError
+from peft_vlm.data.dataset import TOO_MANY_SKIPPED
+from peft_vlm.errors import ConfigError, DataError, PeftVlmError
 from peft_vlm.methods.adapter_file import adapter_metadata, write_adapter
 from peft_vlm.methods.model_card import write_model_card
 from peft_vlm.runtime.tracking import named_tracked_parameters
@@ -134,9 +135,7 @@ class JointTrainer:
             group["lr"] = group["initial_lr"] * factor
         batches, slots = micro_batches(stream, self.collate, self.config, self.accelerator.num_processes,
                                        self.accelerator.process_index)
-        rows = self.accelerator.gather(torch.tensor([sum(len(batch) for batch in batches)], device=device))
-        if hasattr(stream.dataset, "check_skipped"):  # every process sees the same rows count: all stop together
-            stream.dataset.check_skipped(lost_batch=int(rows.sum()) == 0)
+        self._stop_on_skipped_rows(stream, sum(len(batch) for batch in batches))
         total_loss, tokens, finite = torch.zeros((), device=device), 0, True
         with backend.training(stream.name):
             for micro, batch in enumerate(batches):
@@ -165,6 +164,18 @@ class JointTrainer:
         mean_loss = self.accelerator.reduce(total_loss, "mean").item()
         return {"loss": mean_loss if all_finite else float("nan"), "tokens": tokens * self.accelerator.num_processes,
                 "lr": self.config.learning_rate * factor, "skipped": not all_finite}
+
+    def _stop_on_skipped_rows(self, stream: DataStream, rows: int) -> None:
+        """Every process stops together, with the skip report, when the step's whole batch was lost or any process
+        skipped too many rows (`SampleDataset.skip_error`)."""
+        if not hasattr(stream.dataset, "skip_error"):
+            return
+        error = stream.dataset.skip_error()
+        counts = self.accelerator.gather(torch.tensor([[rows, error is not None]], device=self.accelerator.device))
+        lost = int(counts[:, 0].sum()) == 0
+        if lost or bool(counts[:, 1].any()):
+            raise stream.dataset.skip_error(lost_batch=lost) or error or DataError(
+                f"{stream.name} data", TOO_MANY_SKIPPED, "another process skipped too many bad rows")
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(**{k: v.to(self.accelerator.device) for k, v in batch.items()}).loss
