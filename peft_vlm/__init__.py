@@ -27,6 +27,7 @@ from peft_vlm.methods.summary import trainable_summary  # noqa: E402
 from peft_vlm.methods.adapter_file import describe_adapter, load_adapter, save_adapter  # noqa: E402
 from peft_vlm.model.connectors import available_connectors, register_connector  # noqa: E402
 from peft_vlm.model.vision_language_model import VisionLanguageModel  # noqa: E402
+from peft_vlm.embedded import models as _embedded_names  # noqa: E402,F401 (registers "embedded" as a model name)
 
 # Method configs live with their methods, and training pulls in accelerate: importing them on first use keeps
 # `import peft_vlm` light and the core free of imports of methods.

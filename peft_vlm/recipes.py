@@ -5,7 +5,9 @@
     methods:  presets or method names from adapters/, or {method: NAME, option: value, ...}
     data:     one group:  train: {format, path, ...}
               joint:      captions: {...}, instructions: {...}
-              and resize, max_length, bad_samples, image_root
+              and resize, max_length, bad_samples, image_root (image paths are relative to each data
+              file's folder unless it is given), max_skipped_share (bad_samples: skip stops a run that skips more
+              than this share of its rows, 0.05, or loses a whole batch)
     train:    TrainConfig fields
     full:     overrides applied by `peft-vlm train RECIPE --full` (e.g. `train.max_steps: 1000`)
     stages:   optional list of {name, methods, data, train} run in order on the same model (LLaVA's two stages);
@@ -131,7 +133,8 @@ class DataSection:
     resize: str | None = None
     max_length: int | None = field(default=None, metadata=at_least(1))
     bad_samples: str | None = None
-    image_root: str | None = None
+    image_root: str | None = None  # image paths are relative to each data file's folder unless this is given
+    max_skipped_share: float | None = None  # under bad_samples: skip, the share of rows a run may skip (0.05)
 
 
 @dataclass
@@ -143,6 +146,7 @@ class StreamSection:
     options: dict | None = None
     image_root: str | None = None
     bad_samples: str | None = None
+    max_skipped_share: float | None = None
 
 
 @dataclass
@@ -257,12 +261,19 @@ def validate_recipe(recipe: dict, where: str = "recipe") -> None:
         data = check_options(DataSection, _mapping(stage["data"], f"{at}, data section"), f"{at}, data section")
         for stream in STREAMS:
             if data.get(stream) is not None:
-                check_options(StreamSection, data[stream], f"{at}, data.{stream}")
+                share = check_options(StreamSection, data[stream], f"{at}, data.{stream}").get("max_skipped_share")
+                _check_share(share, f"{at}, data.{stream}.max_skipped_share")
+        _check_share(data.get("max_skipped_share"), f"{at}, data.max_skipped_share")
         train = {**(stage["train"] or {}), "output_dir": str(output_dir_of(recipe, stage, len(all_stages)))}
         try:
             TrainConfig.from_dict(train)
         except ConfigError as error:
             raise ConfigError(f"{at}, train section: {error}") from None
+
+
+def _check_share(value, where: str) -> None:
+    if value is not None and not 0 <= value <= 1:
+        raise ConfigError(f"{where}: {value!r} is not a share between 0 and 1")
 
 
 def run_dir(recipe: dict) -> Path:
@@ -316,38 +327,19 @@ def apply_override(recipe: dict, override: str) -> None:
 
 
 def build_model(spec: dict):
-    """A VisionLanguageModel from the recipe's `model` section."""
-    from peft_vlm.embedded.models import CONTRASTIVE_VISION, default_language_model_path, register_default_vision
+    """A VisionLanguageModel from the recipe's `model` section (the embedded default's names resolve in
+    `VisionLanguageModel.from_pretrained`)."""
     from peft_vlm.model.connectors import check_connector
     from peft_vlm.model.vision_language_model import VisionLanguageModel
-    from peft_vlm.model.vision_towers import check_vision_options
     from peft_vlm.model.weights_files import refuse_pickle_weights
 
     spec = {key: value for key, value in spec.items() if value is not None}
     if "connector" in spec:  # before a tower is pretrained or a language model loaded
         check_connector(spec["connector"], "model section: ")
-    language_model = spec.pop("language_model", EMBEDDED)
-    vision = spec.pop("vision", EMBEDDED)
-    if language_model == EMBEDDED:
-        language_model = default_language_model_path()
-    if vision == EMBEDDED:
-        vision = register_default_vision()
-    elif vision == CONTRASTIVE_VISION:  # trained on first use (minutes), then read from the cache
-        from peft_vlm.embedded.tower_pretraining import PRETRAINED_VISION, pretrained_tower
-
-        vision, spec["vision_pretrained"] = PRETRAINED_VISION, pretrained_tower()
-        # the last block: linear probes read shape best there (benchmarks/VISION_LEVERS.md)
-        spec["vision_options"] = {"feature_layer": -1, **spec.get("vision_options", {})}
-    elif isinstance(vision, list):  # two fused towers, either of them may be the embedded one
-        if CONTRASTIVE_VISION in vision:
-            raise ConfigError(
-                f"model.vision: fused towers take no weights file per tower, so {CONTRASTIVE_VISION!r} (a pretrained "
-                f"tower) cannot be one of them; use {EMBEDDED!r} or open_clip model names in the list"
-            )
-        vision = [register_default_vision() if tower == EMBEDDED else tower for tower in vision]
     check_options(ModelSection, spec, "model section")
     refuse_pickle_weights(spec, "model section")
-    check_vision_options(vision, spec.get("vision_options") or {}, "model section, vision_options")
+    language_model = spec.pop("language_model", EMBEDDED)
+    vision = spec.pop("vision", EMBEDDED)
     resize = spec.pop("resize", "resize")  # written by `base_spec` for adapter files; recipes set data.resize
     model = VisionLanguageModel.from_pretrained(language_model, vision=vision, **spec)
     model.resize = resize
@@ -386,14 +378,16 @@ def build_dataset(spec: dict, encoder, shared: dict, report=None):
     spec = {**shared, **spec}
     data_format = spec.get("format")
     policy = spec.get("bad_samples", "error")
+    share = spec.get("max_skipped_share", 0.05)
     if data_format == "easy_vqa":
         records = easy_vqa.instruction_samples(spec.get("split", "train"), spec.get("limit"), **spec.get("options", {}))
-        return SampleDataset(records, encoder, policy, report)
+        return SampleDataset(records, encoder, policy, report, share)
     if data_format == "easy_vqa_captions":
-        return SampleDataset(easy_vqa.caption_samples(spec.get("split", "train")), encoder, policy, report)
+        return SampleDataset(easy_vqa.caption_samples(spec.get("split", "train")), encoder, policy, report, share)
     if "path" not in spec:
         raise ConfigError(f"data entry {spec!r} needs a 'path' (or format easy_vqa / easy_vqa_captions)")
-    return open_dataset(spec["path"], data_format, encoder, policy, spec.get("image_root"), report=report)
+    return open_dataset(spec["path"], data_format, encoder, policy, spec.get("image_root"), report=report,
+                        max_skipped_share=share)
 
 
 def stages(recipe: dict) -> list[dict]:
@@ -543,7 +537,10 @@ def run_recipe(recipe: dict, log=print) -> dict[str, Any]:
     figures["train_seconds"] = sum(result.seconds for result in results)
     figures["steps"] = sum(result.steps for result in results)
     figures["wall_seconds"] = time.time() - start
-    write_metrics(figures, run_dir(recipe) / "metrics.json", model)
+    metrics = write_metrics(figures, run_dir(recipe) / "metrics.json", model)
+    from peft_vlm.methods.model_card import write_model_card
+
+    write_model_card(results[-1].adapter_path, json.loads(metrics.read_text()))  # now with its evaluation table
     return figures
 
 
@@ -559,6 +556,31 @@ def write_metrics(figures: dict[str, Any], path: Path, model) -> Path:
     return path
 
 
+def check_every_group_has_data(model, datasets: dict, config, where: str) -> None:
+    """Refuse a stage whose data leaves a trainable group untrained, e.g. after `--set data.captions=null` or
+    `--set stages=null` removed the stream or stage that fed it: it would train nothing there, silently."""
+    from peft_vlm.runtime.tracking import named_tracked_parameters
+
+    groups = {group for _, _, group in named_tracked_parameters(model).values()}
+    if not datasets:
+        raise ConfigError(f"{where} has no training data: set data.train, or data.captions and data.instructions "
+                          f"(was a stream or stage removed with --set?)")
+    fed = groups if "train" in datasets else {
+        *(config.caption_groups if "captions" in datasets else ()),
+        *(config.instruction_groups if "instructions" in datasets else ())}
+    if groups - fed:
+        missing = ", ".join(sorted(groups - fed))
+        raise ConfigError(f"{where}: trainable group(s) {missing} get no data from {', '.join(sorted(datasets))} "
+                          f"(was data.captions or data.instructions, or the stage that fed them, removed with --set?)")
+
+
+def write_recipe(recipe: dict, path: Path) -> Path:
+    """The recipe as it ran (`--full` and `--set` applied) beside its adapter, so the run can be repeated."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
 def train_stages(model, recipe: dict, evaluation: Evaluation, log=print):
     """Apply each stage's methods and train it; (the last trainer, every stage's result)."""
     from peft_vlm.data import SampleEncoder
@@ -570,7 +592,7 @@ def train_stages(model, recipe: dict, evaluation: Evaluation, log=print):
     for stage in all_stages:
         apply(model, *method_specs(stage["methods"]))
         data = dict(stage["data"] or {})
-        shared = {k: data.pop(k) for k in ("bad_samples", "image_root") if k in data}
+        shared = {k: data.pop(k) for k in ("bad_samples", "image_root", "max_skipped_share") if k in data}
         resize, max_length = data.pop("resize", None), data.pop("max_length", None)
         encoder = SampleEncoder.for_model(model, resize=resize, max_length=max_length)
         # a stream set to null (e.g. `--set data.captions=null`) is left out
@@ -581,6 +603,7 @@ def train_stages(model, recipe: dict, evaluation: Evaluation, log=print):
         train_options = dict(stage["train"] or {})
         train_options["output_dir"] = str(output_dir_of(recipe, stage, len(all_stages)))
         config = TrainConfig.from_dict(train_options)
+        check_every_group_has_data(model, datasets, config, f"stage '{stage['name']}'")
         log(f"stage {stage['name']}:\n{trainable_summary(model)}")
         trainer = JointTrainer(
             model, config,
@@ -589,6 +612,8 @@ def train_stages(model, recipe: dict, evaluation: Evaluation, log=print):
             callbacks=accuracy_curve(model, evaluation, config.output_dir),
         )
         results.append(trainer.train())
+        if trainer.accelerator.is_main_process:
+            write_recipe(recipe, Path(config.output_dir) / "recipe.yaml")
         for dataset in datasets.values():
             if dataset.report.bad or dataset.report.truncated:
                 log(dataset.report.summary())

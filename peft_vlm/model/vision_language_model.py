@@ -29,11 +29,25 @@ from peft_vlm.data.images import RESIZE_MODES, ImageProcessor
 from peft_vlm.data.prompting import IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID, supervised_span, with_placeholders
 from peft_vlm.runtime.token_context import VisualInputs
 from peft_vlm.runtime.tracking import AppliedMethod, refresh_trainable, state_of
-from peft_vlm.model.vision_towers import VisionTower, build_vision_tower
+from peft_vlm.model.vision_towers import VisionTower, build_vision_tower, check_vision_options
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 #: functions spec -> spec that give `VisionLanguageModel.base_spec` portable names for machine-specific paths
 BASE_NAMES: list[Callable[[dict], dict]] = []
+#: functions spec -> spec that resolve portable names in a base description (language_model, vision,
+#: vision_pretrained, vision_options) to what can be loaded: the reverse of `BASE_NAMES` (the embedded default
+#: registers "embedded" and "embedded_contrastive")
+NAMED_BASES: list[Callable[[dict], dict]] = []
+DEFAULT_TOWER = "ViT-L-14"
+#: portable language model name -> the hub id of the model it is (a model card's `base_model`)
+HUB_IDS: dict[str, str] = {}
+
+
+def resolve_base_names(spec: dict) -> dict:
+    """`spec` with every portable name resolved by the functions in `NAMED_BASES`."""
+    for resolve in NAMED_BASES:
+        spec = resolve(spec)
+    return spec
 
 
 def load_language_model(path: str, load_in_4bit: bool = False, dtype: Any = None, **kwargs) -> PreTrainedModel:
@@ -112,7 +126,7 @@ class VisionLanguageModel(VisionLanguageModule):
         *,
         llm: PreTrainedModel | None = None,
         tokenizer=None,
-        vision: str | nn.Module = "ViT-L-14",
+        vision: str | list | nn.Module | None = None,
         vision_pretrained: str | None = None,
         vision_options: dict | None = None,
         connector: str = "mlp2x_gelu",
@@ -123,12 +137,19 @@ class VisionLanguageModel(VisionLanguageModule):
         use_chat_template: bool = True,
         **kwargs,
     ) -> "VisionLanguageModel":
-        """Build from a language model (local folder, hub id, or `llm=` instance with `tokenizer=`) and a vision tower
-        (an open_clip model name with optional `vision_pretrained` tag, or any module giving patch tokens). `~` at the
-        start of a path is the home folder."""
+        """Build from a language model (local folder, hub id, `"embedded"` for the embedded default, or `llm=`
+        instance with `tokenizer=`) and a vision tower (an open_clip model name with optional `vision_pretrained` tag,
+        `"embedded_contrastive"`, or any module giving patch tokens; ViT-L-14 by default, the embedded default's own
+        tower for `"embedded"`). `~` at the start of a path is the home folder."""
         if (language_model is None) == (llm is None):
             raise ConfigError("pass exactly one of a language model path/hub id or llm=<PreTrainedModel>")
         language_model = language_model and os.path.expanduser(language_model)
+        names = resolve_base_names({"language_model": language_model, "vision": vision,
+                                    "vision_pretrained": vision_pretrained, "vision_options": vision_options})
+        language_model, vision = names["language_model"], names["vision"] or DEFAULT_TOWER
+        vision_pretrained, vision_options = names["vision_pretrained"], names["vision_options"]
+        if vision_options and llm is None and not isinstance(vision, nn.Module):  # before the LM loads
+            check_vision_options(vision, vision_options or {})
         from peft_vlm.model import transformers_vlm  # a VLM that transformers ships as a class is wrapped whole
 
         if llm is None and transformers_vlm.transformers_vlm_type(language_model):

@@ -13,6 +13,7 @@ run sees exactly the batches the uninterrupted run would have seen.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import time
@@ -24,8 +25,10 @@ import torch
 from torch import nn
 
 from peft_vlm.data.collate import Collator
-from peft_vlm.errors import ConfigError, PeftVlmError
+from peft_vlm.data.dataset import TOO_MANY_SKIPPED
+from peft_vlm.errors import ConfigError, DataError, PeftVlmError
 from peft_vlm.methods.adapter_file import adapter_metadata, write_adapter
+from peft_vlm.methods.model_card import write_model_card
 from peft_vlm.runtime.tracking import named_tracked_parameters
 from peft_vlm.training import checkpoint as ckpt
 from peft_vlm.training import deepspeed as ds
@@ -150,6 +153,7 @@ class JointTrainer:
             group["lr"] = group["initial_lr"] * factor
         batches, slots = micro_batches(stream, self.collate, self.config, self.accelerator.num_processes,
                                        self.accelerator.process_index)
+        self._stop_on_skipped_rows(stream, sum(len(batch) for batch in batches))
         total_loss, tokens, finite = torch.zeros((), device=device), 0, True
         with backend.training(stream.name):
             for micro, batch in enumerate(batches):
@@ -178,6 +182,18 @@ class JointTrainer:
         mean_loss = self.accelerator.reduce(total_loss, "mean").item()
         return {"loss": mean_loss if all_finite else float("nan"), "tokens": tokens * self.accelerator.num_processes,
                 "lr": self.config.learning_rate * factor, "skipped": not all_finite}
+
+    def _stop_on_skipped_rows(self, stream: DataStream, rows: int) -> None:
+        """Every process stops together, with the skip report, when the step's whole batch was lost or any process
+        skipped too many rows (`SampleDataset.skip_error`)."""
+        if not hasattr(stream.dataset, "skip_error"):
+            return
+        error = stream.dataset.skip_error()
+        counts = self.accelerator.gather(torch.tensor([[rows, error is not None]], device=self.accelerator.device))
+        lost = int(counts[:, 0].sum()) == 0
+        if lost or bool(counts[:, 1].any()):
+            raise stream.dataset.skip_error(lost_batch=lost) or error or DataError(
+                f"{stream.name} data", TOO_MANY_SKIPPED, "another process skipped too many bad rows")
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(**{k: v.to(self.accelerator.device) for k, v in batch.items()}).loss
@@ -250,10 +266,20 @@ class JointTrainer:
         """Every trained tensor in full (all processes must call this; each gets the full tensors)."""
         return self.backend.full_tensors(self.trained_names)
 
+    def training_facts(self) -> dict:
+        """What the adapter file and its model card record of the run: steps done, and each stream's data."""
+        def described(dataset) -> dict:
+            file = getattr(getattr(getattr(dataset, "records", None), "file", None), "path", None)
+            return {"rows": len(dataset), **({"file": str(file)} if file else {})}
+
+        return {"steps": self.step, "data": {name: described(s.dataset) for name, s in self.streams.items()}}
+
     def save_adapter(self, path: Path) -> Path:
+        """The trained adapter, with the run's facts in its metadata and a model card (README.md) beside it."""
         tensors = self.full_tensors()
         if self.accelerator.is_main_process:
-            write_adapter(path, tensors, self.metadata)
+            path = write_adapter(path, tensors, {**self.metadata, "training": json.dumps(self.training_facts())})
+            write_model_card(path)
         self.accelerator.wait_for_everyone()
         return Path(path)
 

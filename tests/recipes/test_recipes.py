@@ -122,7 +122,7 @@ def test_bad_recipe_inputs_are_one_line_errors(tiny_files, capsys):
         load_recipe(tiny_files / "bad2.yaml")  # refused on load, before any model is built
     with pytest.raises(pv.ConfigError, match="unknown training option.*max_stepz"):
         pv.TrainConfig.from_dict({"max_stepz": 3})
-    with pytest.raises(pv.ConfigError, match="model.vision: fused towers.*'embedded_contrastive'"):
+    with pytest.raises(pv.ConfigError, match="vision: fused towers.*'embedded_contrastive'"):
         build_model({"vision": ["embedded", "embedded_contrastive"]})
 
 
@@ -208,7 +208,7 @@ def test_every_easy_vqa_method_recipe_validates_and_records_its_answer_protocol(
 
     recipe = load_recipe(path)
     assert recipe["name"] == f"easy_vqa_{path.stem}"
-    two_passes = path.stem.startswith("llama_adapter_v2")  # V2 describes, then answers; the others answer in one
+    two_passes = path.stem.startswith(("llama_adapter_v2", "qlora"))  # these describe, then answer; the others: one
     assert answer_protocol(recipe).describe_first == two_passes
 
 
