@@ -120,12 +120,6 @@ def adapter_metadata(model: nn.Module) -> dict[str, str]:
     return metadata
 
 
-def current_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
 def write_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """Write an adapter file atomically: a killed writer never leaves a half-written file under the real name."""
     target = _adapter_path(path)
