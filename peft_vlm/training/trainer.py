@@ -38,6 +38,7 @@ from peft_vlm.training.frozen_weights import frozen_linear_weights_in
 from peft_vlm.training.preflight import check_output_dir, refuse_merged
 from peft_vlm.training.reporting import Reporter
 from peft_vlm.training.run_lock import training_lock
+from peft_vlm.training.stop_request import StopRequest
 from peft_vlm.training.streams import DataStream, make_streams, micro_batches, param_groups, stand_in_batch, stream_for
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def say_how_it_resumes(checkpoint: ckpt.Checkpoint, config: TrainConfig) -> None
 
 
 class TrainingStopped(PeftVlmError):
-    """Too many non-finite losses in a row; the run saved a checkpoint first."""
+    """Too many non-finite losses in a row, or Ctrl-C / SIGTERM; the run saved a checkpoint first."""
 
 
 @dataclass
@@ -220,15 +221,15 @@ class JointTrainer:
         self.model.train()
         bf16 = self.accelerator.mixed_precision == "bf16"
         frozen_dtype = torch.bfloat16 if config.frozen_linears_in_bf16 and bf16 else None
-        with frozen_linear_weights_in(self.unwrapped, frozen_dtype):
-            self._train_loop(config, reporter)
+        with frozen_linear_weights_in(self.unwrapped, frozen_dtype), StopRequest() as stop:
+            self._train_loop(config, reporter, stop)
         reporter.close()
         self.save_checkpoint()
         adapter_path = self.save_adapter(Path(config.output_dir) / "adapter.safetensors")
         reporter.finish(self.history)
         return TrainResult(self.step, self.history, self.skipped_steps, adapter_path, time.time() - start)
 
-    def _train_loop(self, config: TrainConfig, reporter: Reporter) -> None:
+    def _train_loop(self, config: TrainConfig, reporter: Reporter, stop: StopRequest) -> None:
         accelerator = self.accelerator
         while self.step < config.max_steps:
             stream = self.stream_for(self.step)
@@ -246,6 +247,12 @@ class JointTrainer:
                     f"{self.nonfinite_in_row} steps in a row had a non-finite loss (last at step {self.step}); "
                     f"stopped with a checkpoint at '{path}'"
                 )
+            signal_name = stop.requested(accelerator)
+            if signal_name:
+                reporter.close()
+                path = self.save_checkpoint()
+                raise TrainingStopped(f"stopped by {signal_name} after step {self.step} with a checkpoint at '{path}'; "
+                                      f"run the same command again to resume from it")
             if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < config.max_steps:
                 self.save_checkpoint()
 
