@@ -141,5 +141,28 @@ def test_the_base_spec_records_a_non_default_attention_kernel_so_a_rebuilt_base_
     model = vlm_factory()
     assert model.language_model.config._attn_implementation == "sdpa" and "attn_implementation" not in (
         model.base_spec())
-    model.language_model.set_attn_implementation("eager")
-    assert model.base_spec()["attn_implementation"] == "eager"
+    pv.apply(model, pv.AdaptionPromptConfig(length=2, layers=1))  # runs the kernel under an extensible twin
+    assert model.language_model.config._attn_implementation == "peft_vlm_sdpa"
+    assert "attn_implementation" not in model.base_spec()
+    eager = vlm_factory()
+    eager.language_model.set_attn_implementation("eager")
+    pv.apply(eager, pv.AdaptionPromptConfig(length=2, layers=1))
+    assert eager.language_model.config._attn_implementation == "peft_vlm_eager"
+    assert eager.base_spec()["attn_implementation"] == "eager"  # what from_pretrained accepts
+
+
+def test_an_adapter_that_recorded_the_extensible_kernels_name_rebuilds_with_the_kernel_itself(vlm_factory, tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from peft_vlm.methods.adapter_file import read_adapter
+
+    model = pv.apply(vlm_factory(), pv.AdaptionPromptConfig(length=2, layers=1))
+    path = pv.save_adapter(model, tmp_path / "adapter")
+    with safe_open(str(path), "pt") as handle:
+        metadata, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    metadata["base_model"] = json.dumps({**json.loads(metadata["base_model"]), "attn_implementation": "peft_vlm_eager"})
+    save_file(tensors, str(path), metadata=metadata)  # as adapter files of 0.1.0 recorded it
+    assert read_adapter(path)[0]["base_model"]["attn_implementation"] == "eager"
