@@ -20,6 +20,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
@@ -131,8 +132,8 @@ def chart(rows: list[dict], path: Path = FIGURE) -> Path:
                  color=colours[index], alpha=0.35, hatch="//", label=f"{kind}, grey image")
     axes.axhline(90, color="black", linewidth=0.8, linestyle="--")
     axes.set_xticks(range(len(rows)))
-    axes.set_xticklabels([f"{r['method']}\n({r['passes']} pass{'es' if r['passes'] > 1 else ''}, {r['steps']} steps)"
-                          for r in rows], fontsize=7)
+    axes.set_xticklabels([textwrap.fill(r["method"], 18) + f"\n({r['passes']} pass{'es' if r['passes'] > 1 else ''}, "
+                          f"{r['steps']} steps)" for r in rows], fontsize=7)
     axes.set_ylabel("accuracy (%), min over seeds")
     axes.set_ylim(0, 105)
     axes.set_title("easy-VQA, 2,000 test questions: real image (solid) and grey image (hatched)", fontsize=9)
