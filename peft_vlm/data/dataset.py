@@ -45,6 +45,11 @@ class SampleDataset(Dataset):
         self.report = report if report is not None else DataReport()
         self.max_skipped_share = max_skipped_share
 
+    @property
+    def source_file(self):
+        """The data file the rows are read from, or None (rows given in memory)."""
+        return getattr(getattr(self.records, "file", None), "path", None)
+
     def skip_error(self, lost_batch: bool = False) -> DataError | None:
         """Under policy "skip", the error that stops a run (naming the file and the first bad rows, with the skip
         report) when a whole batch was lost, or when more than `max_skipped_share` of the rows have been skipped
@@ -54,7 +59,7 @@ class SampleDataset(Dataset):
         if self.policy != "skip" or not report:
             return None
         if lost_batch or report.num_bad > self.max_skipped_share * max(report.seen, len(self)):
-            file = getattr(getattr(self.records, "file", None), "path", None)
+            file = self.source_file
             why = "every row of a batch" if lost_batch else f"more than {100 * self.max_skipped_share:g}% of the rows"
             return DataError(str(file or report.bad[0].source), TOO_MANY_SKIPPED,
                              f"{why} skipped as bad (data.max_skipped_share); {report.summary(max_rows=5)}")

@@ -276,7 +276,7 @@ class JointTrainer:
     def training_facts(self) -> dict:
         """What the adapter file and its model card record of the run: steps done, and each stream's data."""
         def described(dataset) -> dict:
-            file = getattr(getattr(getattr(dataset, "records", None), "file", None), "path", None)
+            file = getattr(dataset, "source_file", None)
             return {"rows": len(dataset), **({"file": str(file)} if file else {})}
 
         return {"steps": self.step, "data": {name: described(s.dataset) for name, s in self.streams.items()}}
