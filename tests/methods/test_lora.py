@@ -109,3 +109,31 @@ def test_qlora_lowers_the_loss_on_a_fixed_batch(lm_factory, tokenizer, tiny_vit,
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5  # nats; a tiny random base learns slowly through attention alone
+
+
+def test_qlora_gradients_survive_an_evaluation_pass(lm_factory, tokenizer, tiny_vit, images, tmp_path):
+    """bitsandbytes repacks 4-bit weights for its CPU inference kernel on the first eval-mode forward, and that
+    kernel has no backward: the gradients after an evaluation pass must equal those before it."""
+    lm_factory().save_pretrained(tmp_path / "lm")
+    model = pv.VisionLanguageModel.from_pretrained(
+        str(tmp_path / "lm"), tokenizer=tokenizer, vision=tiny_vit, load_in_4bit=True
+    )
+    pv.apply(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    batch = model.tokenize(["What colour?", "What shape?"], images[:2], answers=["red", "circle"])
+
+    def gradients():
+        model.train()
+        model(**batch).loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad()
+        return grads
+
+    before = gradients()
+    model.eval()
+    with torch.no_grad():
+        model(**batch)
+    after = gradients()
+    # the projector's gradient reaches it through every 4-bit layer (LoRA's A matrices have none while B is zero)
+    assert before["connector.mlp.0.weight"].abs().sum() > 0
+    for name, grad in before.items():
+        assert torch.allclose(after[name], grad, atol=1e-6), name
