@@ -56,13 +56,22 @@ def test_cpu_mfu_benchmark_measures_every_lever_against_the_ceiling(benchmarks, 
         models[name] = pv.apply(model, pv.AdaptionPromptConfig(length=4, layers=2), pv.BiasScaleConfig())
     batch = models["sdpa"].tokenize(["<image> what colour?", "<image> what shape is it?"], [images[0], images[1]],
                                     answers=["red", "circle"])
-    ceiling = bench.ceilings(batch["input_ids"].numel(), 64, 128)
+    config = models["sdpa"].language_model.config
+    shapes = bench.step_shapes(batch["input_ids"].numel(), 3, config)
+    assert shapes["k / v projection"][2] == config.num_key_value_heads * config.hidden_size // 4
+    ceiling, shape_rows = bench.ceilings({name: shapes[name] for name in ("q / o projection", "down projection")})
     with bench.frozen_linear_weights_in(models["frozen_bf16"], torch.bfloat16) as cast:
-        rows, useful, seconds = bench.measure(models, batch, steps=1, warmup=0, ceiling=ceiling)
-    variants = 6 if native_bf16() else 3  # the bf16 rows only where the CPU has bf16 kernels
-    assert set(ceiling) == ({"fp32", "bf16"} if native_bf16() else {"fp32"})
+        rows, useful, seconds, steps = bench.measure(models, batch, steps=1, warmup=0, ceiling=ceiling)
+        split = bench.step_split(steps["+ bf16 autocast" if native_bf16() else "plain-matmul attention, fp32"], 1)
+    variants = 7 if native_bf16() else 3  # the bf16 rows only where the CPU has bf16 kernels
+    assert set(ceiling) == ({"fp32", "bf16"} if native_bf16() else {"fp32"}) and len(shape_rows) == 2
     assert cast > 0 and len(rows) == len(seconds) == variants and useful > 0 and all(s > 0 for s in seconds.values())
     assert all(row[-1].endswith("%") for row in rows) and rows[0][3] == "1.00x"
+    # the profiled split: the step's matmuls, attention and optimizer are each seen, and the parts add up to its wall
+    wall = split.pop("wall")
+    assert split["matmuls (projections, LM head)"] > 0 and split["attention"] > 0 and split["optimizer"] > 0
+    assert sum(split.values()) >= wall * 0.999
+    assert "(" in bench.cpu_kind()
 
 
 def test_method_comparison_takes_the_minimum_over_seeds_and_draws_every_method(benchmarks, tmp_path):
