@@ -350,7 +350,8 @@ class VisionLanguageModel(VisionLanguageModule):
 
         `sequence_ids` (a packed batch, `Collator(packing=True)`): the example of each position, -1 on padding;
         every example then gets its own positions and attends to itself only (`peft_vlm.runtime.packing`).
-        `image_sequences` (the example of each image) comes with it; no method that reads it is packed yet."""
+        `image_sequences` (the example of each image) comes with it; methods that read the images find both in the
+        call's `VisualInputs`."""
         device = self._lm_device()
         input_ids = input_ids.to(device)
         if attention_mask is None:
@@ -358,7 +359,9 @@ class VisionLanguageModel(VisionLanguageModule):
         attention_mask = attention_mask.to(device)
         embeddings, visual = self._embed(input_ids, pixel_values, image_rows)
         if sequence_ids is not None:
-            packed = packing.packed_inputs(self, sequence_ids.to(device), embeddings.dtype)
+            sequence_ids = sequence_ids.to(device)
+            visual = packing.with_sequences(visual, sequence_ids, image_sequences, input_ids == IMAGE_TOKEN_ID)
+            packed = packing.packed_inputs(self, sequence_ids, embeddings.dtype)
             position_ids, attention_mask = packed.pop("position_ids"), packed.pop("attention_mask")
             kwargs.update(packed)
         else:  # left padding: positions count real tokens only, as during generation

@@ -16,6 +16,8 @@ Methods that read the images per batch row would mix the samples of one row; the
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from peft_vlm.errors import ConfigError
@@ -80,6 +82,20 @@ def varlen_arguments(sequence_ids: torch.Tensor) -> dict:
     longest = int(lengths.max())
     return {"cu_seq_lens_q": cumulative, "cu_seq_lens_k": cumulative, "max_length_q": longest,
             "max_length_k": longest}
+
+
+def with_sequences(visual, sequence_ids: torch.Tensor, image_sequences: torch.Tensor | None,
+                   image_positions: torch.Tensor):
+    """The call's `VisualInputs` with the sample of each position and of each image (for images spliced into the
+    sequence, the sample holding the image's first token; images outside it need `image_sequences`)."""
+    if visual.has_images and image_sequences is None:
+        if not bool(image_positions.any()):
+            raise ConfigError("a packed batch with images outside the sequence needs image_sequences: the example "
+                              "of each image (Collator(packing=True) gives it)")
+        image_sequences = sequence_ids[image_positions][:: visual.tokens_per_image]
+    if image_sequences is not None:
+        image_sequences = image_sequences.to(sequence_ids.device)
+    return dataclasses.replace(visual, sequence_ids=sequence_ids, image_sequences=image_sequences)
 
 
 def packed_inputs(model, sequence_ids: torch.Tensor, dtype: torch.dtype) -> dict:

@@ -1,5 +1,6 @@
 """Packing (`train.packing: true`): several examples share a row of a batch, each keeping its own positions, its own
 attention and its own answer-only labels, so each example's loss is the one it has unpacked."""
+import peft
 import pytest
 import torch
 import torch.nn.functional as F
@@ -103,3 +104,49 @@ def test_each_examples_loss_packed_equals_its_loss_unpacked(vlm_factory, images,
     assert any(abs(mixed[i] - alone[i]) > 1e-4 for i in alone)  # the same rows without the packed mask would mix
     with torch.no_grad():  # the batch loss (mean over every answer token) too
         assert float(model(**packed).loss) == pytest.approx(float(model(**plain).loss), abs=1e-5)
+
+
+def opened(model):
+    """Zero-init gates, expert differences and LoRA B set to random values, so that every method acts."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad and name.endswith(("gate", "bias", ".B", "lora_B.default.weight")):
+                parameter.normal_(0, 0.5)
+    return model
+
+
+PACKED_METHODS = {
+    "early fusion": [pv.EarlyFusionConfig(layers=2)],
+    "early fusion, visual tokens in the sequence": [pv.EarlyFusionConfig(layers=2, visual_tokens_in_sequence=True)],
+    "gated cross-attention": [pv.GatedCrossAttentionConfig(every=1)],
+    "gated cross-attention, images outside the sequence": [
+        pv.GatedCrossAttentionConfig(every=1, visual_tokens_in_sequence=False)],
+    "visual expert r=4": [pv.VisualExpertConfig(rank=4)],
+    "LoRA": [peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])],
+}
+
+
+@pytest.mark.parametrize("method", list(PACKED_METHODS))
+def test_methods_that_read_images_see_only_their_own_samples_images_when_packed(vlm_factory, images, method):
+    model = opened(pv.apply(vlm_factory(), *PACKED_METHODS[method]))
+    examples = [SampleEncoder.for_model(model)(s) for s in samples(images)]
+    plain = Collator(model.tokenizer.pad_token_id)(examples)
+    packed = Collator(model.tokenizer.pad_token_id, packing=True)(examples)
+    assert len(packed["input_ids"]) < len(plain["input_ids"])
+    alone, together = per_example_losses(model, plain), per_example_losses(model, packed)
+    for index in alone:
+        assert together[index] == pytest.approx(alone[index], abs=1e-5), index
+
+
+@pytest.mark.parametrize("configs, named", [
+    ([pv.AdaptionPromptConfig(length=4, layers=2, multimodal=True)], "adaption_prompt"),
+    ([pv.AdaptionPromptConfig(length=4, layers=2), pv.VisualQueryPromptConfig(width=16, depth=1, heads=2)],
+     "adaption_prompt"),
+    ([pv.VisualExpertConfig(rank=4, shared_image_position=True)], "visual_expert"),
+])
+def test_methods_that_pair_images_with_whole_rows_refuse_a_packed_batch_by_name(vlm_factory, images, configs, named):
+    model = pv.apply(vlm_factory(), *configs)
+    examples = [SampleEncoder.for_model(model)(s) for s in samples(images)]
+    packed = Collator(model.tokenizer.pad_token_id, packing=True)(examples)
+    with pytest.raises(pv.ConfigError, match=f"train.packing: method '{named}' cannot train on packed rows"):
+        model(**packed)
