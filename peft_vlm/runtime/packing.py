@@ -11,8 +11,10 @@ own form (no attention code of `transformers` is copied):
 - for flash attention (`flash_attention_2` / `_3`, where installed), the varlen arguments `cu_seq_lens_q/k` and
   `max_length_q/k`, which `transformers` hands to `flash_attn_varlen_func` over the flattened rows.
 
-Methods that read the images per batch row would mix the samples of one row; they refuse packing by name
-(`Method.packing_refusal`), checked here before a packed batch runs.
+Methods acting per position need nothing more. Methods that read the images find the sample of each position and
+of each image in the call's `VisualInputs` (`sequence_ids`, `image_sequences`): early fusion and gated
+cross-attention attend to their own sample's images only. A method that pairs images with whole batch rows refuses
+packing by name (`Method.packing_refusal`), checked here before a packed batch runs.
 """
 from __future__ import annotations
 
