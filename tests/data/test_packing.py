@@ -150,3 +150,14 @@ def test_methods_that_pair_images_with_whole_rows_refuse_a_packed_batch_by_name(
     packed = Collator(model.tokenizer.pad_token_id, packing=True)(examples)
     with pytest.raises(pv.ConfigError, match=f"train.packing: method '{named}' cannot train on packed rows"):
         model(**packed)
+
+
+def test_an_attention_kernel_that_cannot_keep_samples_apart_is_refused_by_name():
+    from types import SimpleNamespace
+
+    from peft_vlm.runtime.packing import check_kernel
+
+    assert check_kernel(SimpleNamespace(_attn_implementation="peft_vlm_sdpa")) == "sdpa"
+    assert check_kernel(SimpleNamespace(_attn_implementation="flash_attention_2")) == "flash_attention_2"
+    with pytest.raises(pv.ConfigError, match="attention implementation 'flex_attention' cannot keep packed samples"):
+        check_kernel(SimpleNamespace(_attn_implementation="flex_attention"))
