@@ -124,6 +124,12 @@ class AdaptionPromptMethod(Method):
     def needs_vision(self) -> bool:  # per instance: only the multimodal variant reads images
         return self.config.multimodal
 
+    def packing_refusal(self) -> str | None:
+        if self.config.multimodal or self.offsets:
+            return ("its image offsets (multimodal=True, a visual query prompt) are added to the prompts of a whole "
+                    "batch row, and a packed row holds several samples")
+        return None  # text prompts are the same for every position
+
     def add_prompt_offset(self, offset: PromptOffset) -> None:
         """Add `offset(rows)` to the prompts of every adapted layer (used by visual variants)."""
         self.offsets.append(offset)

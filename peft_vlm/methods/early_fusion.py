@@ -52,9 +52,13 @@ class EarlyFusion(nn.Module):
             return None
         rows = call.query.shape[0]
         tokens, mask, has_image = visual_tokens_by_row(visual.visual_tokens, visual.image_owner, rows)
-        # Rows without an image attend to placeholder tokens, then get exactly zero: no visual contribution.
+        packed = visual.sequence_ids
+        if packed is not None and packed.shape == (rows, call.query.shape[2]):
+            mask, has_image = own_sample_tokens(packed, visual.image_sequences, visual.image_owner, rows,
+                                                visual.visual_tokens.shape[1])
+        # Rows (or packed samples) without an image attend to placeholder tokens, then get exactly zero.
         addition = gated_token_attention(call, tokens, self.gate, mask)
-        return addition * has_image.to(addition.dtype).view(-1, 1, 1, 1)
+        return addition * has_image.to(addition.dtype).view(rows, -1, 1, 1)
 
 
 def visual_tokens_by_row(visual: torch.Tensor, owner: torch.Tensor, rows: int):
@@ -75,6 +79,21 @@ def visual_tokens_by_row(visual: torch.Tensor, owner: torch.Tensor, rows: int):
     return tokens.view(rows, slots * count, hidden), mask, has_image
 
 
+def own_sample_tokens(sequence_ids: torch.Tensor, image_sequences: torch.Tensor, owner: torch.Tensor, rows: int,
+                      count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows: (rows, length, keys) which of the row's visual tokens (as `visual_tokens_by_row` lays them out)
+    each position may attend, those of its own sample's images only, and (rows, length) which positions have one
+    (the others get an all-True mask and a zero result)."""
+    per_row = torch.bincount(owner, minlength=rows)
+    order = torch.arange(len(owner), device=owner.device) - (torch.cumsum(per_row, 0) - per_row)[owner]
+    slot_sample = torch.full((rows, int(per_row.max())), -2, dtype=sequence_ids.dtype, device=owner.device)
+    slot_sample[owner, order] = image_sequences.to(sequence_ids.dtype)
+    key_sample = slot_sample.repeat_interleave(count, dim=1).to(sequence_ids.device)
+    mask = sequence_ids[:, :, None] == key_sample[:, None, :]
+    has_image = mask.any(-1)
+    return mask | ~has_image[..., None], has_image
+
+
 @register
 class EarlyFusionMethod(Method):
     name = "early_fusion"
@@ -84,6 +103,9 @@ class EarlyFusionMethod(Method):
     @property
     def images_in_sequence(self) -> bool:  # the paper's layout takes the visual tokens out of the sequence
         return self.config.visual_tokens_in_sequence
+
+    def packing_refusal(self) -> str | None:
+        return None  # packed, each position attends to its own sample's images (`own_sample_tokens`)
 
     def attach(self, model: nn.Module, language_model: nn.Module) -> dict[str, list[nn.Parameter]]:
         takes_images_out = not self.images_in_sequence

@@ -61,7 +61,17 @@ def preceding_image(context, visual: torch.Tensor, owner: torch.Tensor, rows: in
         local = starts.cumsum(1) - 1
     else:  # a cached decoding step, or images outside the sequence: every token follows all of its row's images
         local = (per_row - 1)[:, None].expand(rows, length)
-    return torch.where(local >= 0, first[:, None] + local, -1)
+    target = torch.where(local >= 0, first[:, None] + local, -1)
+    packed = context.visual.sequence_ids
+    if packed is not None and tuple(packed.shape) == (rows, length):  # packed rows: the sample's own images only
+        sample, image_sample = packed.to(owner.device), context.visual.image_sequences.to(owner.device)
+        if types is None or not bool((types == IMAGE).any()):  # images outside the sequence: the sample's last
+            last = torch.full((int(max(sample.max(), image_sample.max())) + 1,), -1, device=owner.device)
+            last = last.scatter_reduce(0, image_sample, torch.arange(len(owner), device=owner.device), "amax")
+            return torch.where(sample >= 0, last[sample.clamp(min=0)], -1)
+        # the row's most recent image is the sample's own, or the sample has none before this position
+        return torch.where((target >= 0) & (image_sample[target.clamp(min=0)] == sample), target, -1)
+    return target
 
 
 class GatedCrossAttentionBlock(nn.Module):
@@ -135,6 +145,9 @@ class GatedCrossAttentionMethod(Method):
     @property
     def images_in_sequence(self) -> bool:
         return self.config.visual_tokens_in_sequence
+
+    def packing_refusal(self) -> str | None:
+        return None  # packed, each position attends to its own sample's images (`preceding_image`)
 
     def attach(self, model: nn.Module, language_model: nn.Module) -> dict[str, list[nn.Parameter]]:
         context = state_of(model).context

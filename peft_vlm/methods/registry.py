@@ -68,6 +68,16 @@ class Method:
     def check_merge(self, model: nn.Module) -> None:
         """Raise NotMergeableError if `merge` would refuse; called for every method before any is merged."""
 
+    def packing_refusal(self) -> str | None:
+        """Why the method cannot train on packed rows (several samples in one row, `train.packing`), or None.
+
+        A method acting per position (LoRA, bias/scale, text prompts, experts routed by token type) sees packed
+        samples as it sees them alone. One that reads the images (`needs_vision`) pairs them with batch rows, which
+        packing breaks, so it refuses unless it says otherwise."""
+        if self.needs_vision:
+            return "it reads each batch row's images, and a packed row holds several samples"
+        return None
+
     @classmethod
     def config_for_target(cls, config: Any) -> Any:
         """`config` as this method's own when `pv.apply(..., target=cls.target)` is given it, else None."""

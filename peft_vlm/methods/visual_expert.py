@@ -237,6 +237,12 @@ class VisualExpertMethod(Method):
     name = "visual_expert"
     config_class = VisualExpertConfig
 
+    def packing_refusal(self) -> str | None:
+        if self.config.shared_image_position:
+            return ("shared_image_position=True counts the positions images save along a whole batch row, and a "
+                    "packed row holds several samples; use shared_image_position=False")
+        return None  # routing by token type acts per position
+
     def attach(self, model: nn.Module, language_model: nn.Module) -> dict[str, list[nn.Parameter]]:
         if any(not getattr(entry.method, "images_in_sequence", True) for entry in state_of(model).methods()):
             raise IncompatibleMethodsError("the visual expert routes image tokens, but a method took the images out of "

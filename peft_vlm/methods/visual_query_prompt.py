@@ -63,6 +63,10 @@ class VisualQueryPromptMethod(Method):
     config_class = VisualQueryPromptConfig
     needs_vision = True
 
+    def packing_refusal(self) -> str | None:
+        return ("its visual query is added to the adaption prompts of a whole batch row, and a packed row holds "
+                "several samples")
+
     def attach(self, model: nn.Module, language_model: nn.Module) -> dict[str, list[nn.Parameter]]:
         prompts = [e.method for e in state_of(model).methods() if isinstance(e.method, AdaptionPromptMethod)]
         if not prompts:

@@ -19,7 +19,7 @@ from torch import nn
 
 from peft_vlm.model.module_base import VisionLanguageModule
 from peft_vlm.errors import ConfigError, ModelLoadError
-from peft_vlm.runtime import token_context
+from peft_vlm.runtime import packing, token_context
 from peft_vlm.runtime.tracking import AppliedMethod, refresh_trainable, state_of
 
 IGNORE_INDEX = -100
@@ -43,20 +43,27 @@ class Family:
     padded_inputs: tuple[str, ...] = ()
     # its processor takes a batch's images as one list per text (Gemma 3's counts them per text), not one flat list
     images_per_text: bool = False
+    # why its forward cannot take packed rows (several samples per row, `train.packing`), None when it can: its
+    # decoder then gets the per-sample positions and block-diagonal mask of `peft_vlm.runtime.packing` as they are
+    packing_refusal: str | None = None
 
+
+_MROPE = "its forward computes its own M-RoPE positions from a 2D attention mask, one sample per row"
+_OWN_MASK = ("its forward builds its own attention mask from token_type_ids (bidirectional over the image or the "
+             "prompt), one sample per row")
 
 FAMILIES = {
     "llava": Family("model.language_model", "model.vision_tower", ("model.multi_modal_projector",)),
     "llava_next": Family("model.language_model", "model.vision_tower",
                          ("model.multi_modal_projector", "model.image_newline"), padded_inputs=("pixel_values",)),
-    "qwen2_vl": Family("model.language_model", "model.visual", ("model.visual.merger",)),
-    "qwen2_5_vl": Family("model.language_model", "model.visual", ("model.visual.merger",)),
+    "qwen2_vl": Family("model.language_model", "model.visual", ("model.visual.merger",), packing_refusal=_MROPE),
+    "qwen2_5_vl": Family("model.language_model", "model.visual", ("model.visual.merger",), packing_refusal=_MROPE),
     "idefics3": Family("model.text_model", "model.vision_model", ("model.connector",),
                        padded_inputs=("pixel_values", "pixel_attention_mask")),
     "paligemma": Family("model.language_model", "model.vision_tower", ("model.multi_modal_projector",),
-                        suffix_answers=True, conversations=False),
+                        suffix_answers=True, conversations=False, packing_refusal=_OWN_MASK),
     "gemma3": Family("model.language_model", "model.vision_tower", ("model.multi_modal_projector",),
-                     images_per_text=True),
+                     images_per_text=True, packing_refusal=_OWN_MASK),
 }
 
 # Methods that need what only a model built here has, and why (the check runs before the model is touched).
@@ -275,9 +282,13 @@ class TransformersVLM(VisionLanguageModule):
         own image transform replaces `resize`."""
         return ProcessorSampleEncoder(self, max_length)
 
-    def collator(self):
-        """The batch collator (`Collator.for_model` asks for it)."""
-        return ProcessorCollator(self.tokenizer.pad_token_id, self.family.padded_inputs, self.architecture)
+    def collator(self, packing: bool = False):
+        """The batch collator (`Collator.for_model` asks for it); `packing=True` is refused, naming the reason, for
+        an architecture whose forward cannot take packed rows."""
+        if packing and self.family.packing_refusal:
+            raise ConfigError(f"train.packing: a wrapped {self.architecture} model cannot train on packed rows: "
+                              f"{self.family.packing_refusal}; set packing: false")
+        return ProcessorCollator(self.tokenizer.pad_token_id, self.family.padded_inputs, self.architecture, packing)
 
     # -- running ---------------------------------------------------------------------------------------------------
     def _on_device(self, inputs: dict) -> dict:
@@ -285,8 +296,16 @@ class TransformersVLM(VisionLanguageModule):
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **inputs):
-        """The wrapped model's forward (`labels=` gives the loss), with the image positions announced to the methods."""
+        """The wrapped model's forward (`labels=` gives the loss), with the image positions announced to the methods.
+        A packed batch (`sequence_ids`) gives its decoder per-sample positions and a mask keeping samples apart."""
         inputs = self._on_device({"input_ids": input_ids, "attention_mask": attention_mask, **inputs})
+        sequence_ids = inputs.pop("sequence_ids", None)
+        if sequence_ids is not None:
+            if self.family.packing_refusal:
+                raise ConfigError(f"train.packing: a wrapped {self.architecture} model cannot train on packed rows: "
+                                  f"{self.family.packing_refusal}")
+            dtype = self.language_model.get_input_embeddings().weight.dtype
+            inputs.update(packing.packed_inputs(self, sequence_ids, dtype))
         with token_context.token_types(self, (inputs["input_ids"] == self.image_token_id).long()):
             return self.model(**inputs)
 
@@ -395,10 +414,12 @@ class ProcessorCollator:
     reads back unpadded (`padded_inputs`) is padded with zeros to the batch's largest, as its processor pads it;
     any other input whose shape differs between samples cannot be batched, and the error names the samples."""
 
-    def __init__(self, pad_token_id: int, padded_inputs: tuple[str, ...] = (), architecture: str = "model"):
+    def __init__(self, pad_token_id: int, padded_inputs: tuple[str, ...] = (), architecture: str = "model",
+                 packing: bool = False):
         self.pad_token_id = pad_token_id
         self.padded_inputs = padded_inputs
         self.architecture = architecture
+        self.packing = packing
 
     def __call__(self, items: list):
         from peft_vlm.data.collate import start_batch
@@ -406,8 +427,11 @@ class ProcessorCollator:
         examples, batch = start_batch(items)
         if not examples:
             return batch
+        if self.packing:
+            examples = self._packed_rows(examples, batch)
         width = max(e["input_ids"].shape[1] for e in examples)
-        pads = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX, **TOKEN_INPUTS}
+        pads = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX, **TOKEN_INPUTS,
+                "sequence_ids": -1}
         keys = list(dict.fromkeys(key for e in examples for key in e if key not in ("source", "truncated")))
         for key in keys:
             if key in pads:
@@ -418,6 +442,29 @@ class ProcessorCollator:
             else:
                 batch[key] = self._image_input(key, [e for e in examples if key in e])
         return batch
+
+    def _packed_rows(self, examples: list[dict], batch) -> list[dict]:
+        """Whole examples packed into rows as `Collator(packing=True)` packs them (`sequence_ids` set on `batch`);
+        each row as one example whose image inputs are its examples', in its reading order."""
+        from peft_vlm.data.collate import pack_rows
+
+        rows = pack_rows([e["input_ids"].shape[1] for e in examples])
+        packed = []
+        for row in rows:
+            members = [examples[i] for i in row]
+            merged = {"source": members[0]["source"]}
+            for key in dict.fromkeys(k for e in members for k in e if k not in ("source", "truncated")):
+                if key in ("input_ids", "attention_mask", "labels", *TOKEN_INPUTS):
+                    pad = {"labels": IGNORE_INDEX, "attention_mask": 1}.get(key, TOKEN_INPUTS.get(key, 0))
+                    parts = [e.get(key, torch.full_like(e["input_ids"], pad)) for e in members]
+                    if key == "labels":  # nothing precedes an example's first token: never a target, as unpacked
+                        parts = [torch.cat([torch.full_like(p[:, :1], IGNORE_INDEX), p[:, 1:]], 1) for p in parts]
+                    merged[key] = torch.cat(parts, 1)
+                else:
+                    merged[key] = self._image_input(key, [e for e in members if key in e])
+            merged["sequence_ids"] = torch.cat([torch.full_like(examples[i]["input_ids"], i) for i in row], 1)
+            packed.append(merged)
+        return packed
 
     def _image_input(self, key: str, examples: list[dict]) -> torch.Tensor:
         values = [e[key] for e in examples]

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
-from peft_vlm.runtime import token_context
+from peft_vlm.runtime import packing, token_context
 from peft_vlm.runtime.attention import PREFIX as ATTENTION_PREFIX
 from peft_vlm.model.connectors import build_connector
 from peft_vlm.model.module_base import VisionLanguageModule
@@ -349,21 +349,34 @@ class VisionLanguageModel(VisionLanguageModule):
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         image_rows: torch.Tensor | None = None,
+        sequence_ids: torch.Tensor | None = None,
+        image_sequences: torch.Tensor | None = None,
         **kwargs,
     ):
         """Causal-LM forward over text with spliced visual tokens; with `labels`, the output carries the loss.
 
         With `labels`, the LM head runs only from the position before the first supervised token to the end (the
         logits then cover that span): in a left-padded batch of short answers almost no position has a label, and
-        the head is a fifth of a small model's FLOPs. The loss is the same; `logits_to_keep=0` keeps every logit."""
+        the head is a fifth of a small model's FLOPs. The loss is the same; `logits_to_keep=0` keeps every logit.
+
+        `sequence_ids` (a packed batch, `Collator(packing=True)`): the example of each position, -1 on padding;
+        every example then gets its own positions and attends to itself only (`peft_vlm.runtime.packing`).
+        `image_sequences` (the example of each image) comes with it; methods that read the images find both in the
+        call's `VisualInputs`."""
         device = self._lm_device()
         input_ids = input_ids.to(device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(device)
         embeddings, visual = self._embed(input_ids, pixel_values, image_rows)
-        # Left padding: positions count real tokens only, as during generation.
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        if sequence_ids is not None:
+            sequence_ids = sequence_ids.to(device)
+            visual = packing.with_sequences(visual, sequence_ids, image_sequences, input_ids == IMAGE_TOKEN_ID)
+            packed = packing.packed_inputs(self, sequence_ids, embeddings.dtype)
+            position_ids, attention_mask = packed.pop("position_ids"), packed.pop("attention_mask")
+            kwargs.update(packed)
+        else:  # left padding: positions count real tokens only, as during generation
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         if labels is not None:
             labels = labels.to(device)
             if "logits_to_keep" not in kwargs:

@@ -132,7 +132,8 @@ def gated_token_attention(
 
     `tokens` (batch or 1, count, hidden) go through the layer's frozen key/value projections; `gate` (heads,) is
     the raw gate g, applied as tanh(g) per head, so g = 0 adds exactly zero. `token_mask` (batch, count), True where
-    a token may be attended. Returns an addition shaped like `call.output`.
+    a token may be attended, or (batch, query length, count) per query (packed rows: each sample its own tokens).
+    Returns an addition shaped like `call.output`.
     """
     keys, values = project_tokens(call.module, tokens.to(call.query.dtype))
     # softmax(q K^T) (tanh(g) V) = tanh(g) softmax(q K^T) V, and gating the few values is the cheaper side.
@@ -145,6 +146,7 @@ def gated_token_attention(
     # is the same.
     scores = (call.query @ keys.transpose(-1, -2)) * scale
     if token_mask is not None:
-        scores = scores.masked_fill(~token_mask[:, None, None, :], float("-inf"))
+        per_query = token_mask[:, None] if token_mask.dim() == 3 else token_mask[:, None, None, :]
+        scores = scores.masked_fill(~per_query, float("-inf"))
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
     return (weights @ values).transpose(1, 2)

@@ -33,6 +33,10 @@ class VisualInputs:
     visual_tokens: torch.Tensor | None = None  # (images, tokens, hidden), from the connector
     image_owner: torch.Tensor | None = None  # (images,) the batch row each image belongs to, in reading order
     token_types: torch.Tensor | None = None  # (batch, length) TEXT / IMAGE of the prompt call; None: all text
+    # A packed call (several samples per row, `peft_vlm.runtime.packing`): the sample of each position (-1: padding)
+    # and of each image. None: one sample per row.
+    sequence_ids: torch.Tensor | None = None
+    image_sequences: torch.Tensor | None = None
 
     def __post_init__(self):
         images = [getattr(self, name) for name in IMAGE_FIELDS if getattr(self, name) is not None]

@@ -69,6 +69,9 @@ class TrainConfig:
     report_to: str | None = "tensorboard"
     resume: bool = True  # continue from the newest checkpoint in output_dir, if there is one
     progress_bar: bool = True
+    # several examples share a row of a batch (whole examples, image tokens never cut; rows as wide as the batch's
+    # longest example), each with its own positions and a mask that keeps it to itself: fewer pad tokens computed
+    packing: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.output_dir, (str, os.PathLike)):

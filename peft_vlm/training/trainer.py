@@ -29,6 +29,7 @@ from peft_vlm.data.dataset import TOO_MANY_SKIPPED
 from peft_vlm.errors import ConfigError, DataError, PeftVlmError
 from peft_vlm.methods.adapter_file import adapter_metadata, write_adapter
 from peft_vlm.methods.model_card import write_model_card
+from peft_vlm.runtime.packing import check_packing
 from peft_vlm.runtime.tracking import named_tracked_parameters
 from peft_vlm.training import checkpoint as ckpt
 from peft_vlm.training import deepspeed as ds
@@ -93,7 +94,9 @@ class JointTrainer:
         refuse_merged(model)
         self.config = config
         self.callbacks = list(callbacks)
-        self.collate = collate_fn or Collator.for_model(model)
+        if config.packing:  # refused now, before any step, naming the method that cannot take packed rows
+            check_packing(model)
+        self.collate = collate_fn or Collator.for_model(model, packing=config.packing)
         tracked = named_tracked_parameters(model)
         if not tracked:
             raise ConfigError("the model has nothing to train: apply a method first (pv.apply)")
@@ -155,7 +158,7 @@ class JointTrainer:
         batches, slots = micro_batches(stream, self.collate, self.config, self.accelerator.num_processes,
                                        self.accelerator.process_index)
         self._stop_on_skipped_rows(stream, sum(len(batch) for batch in batches))
-        total_loss, tokens, finite = torch.zeros((), device=device), 0, True
+        total_loss, tokens, positions, finite = torch.zeros((), device=device), 0, 0, True
         with backend.training(stream.name):
             for micro, batch in enumerate(batches):
                 last = micro == len(batches) - 1
@@ -163,6 +166,7 @@ class JointTrainer:
                     if len(batch):
                         loss = self._loss(batch)
                         tokens += int(batch["attention_mask"].sum())
+                        positions += batch["input_ids"].numel()
                     else:  # every row of this micro-batch was skipped as bad
                         loss = backend.empty_loss(
                             self.stream_parameters[stream.name],
@@ -182,6 +186,7 @@ class JointTrainer:
             self.nonfinite_in_row += 1
         mean_loss = self.accelerator.reduce(total_loss, "mean").item()
         return {"loss": mean_loss if all_finite else float("nan"), "tokens": tokens * self.accelerator.num_processes,
+                "pad_share": 1 - tokens / positions if positions else 0.0,  # this process's share of padding
                 "lr": self.config.learning_rate * factor, "skipped": not all_finite}
 
     def _stop_on_skipped_rows(self, stream: DataStream, rows: int) -> None:
@@ -236,7 +241,8 @@ class JointTrainer:
             tick = time.time()
             metrics = self._train_step(stream)
             self.history.append({"step": self.step, "stream": stream.name, "loss": metrics["loss"], "lr": metrics["lr"],
-                                 "skipped": metrics["skipped"]})
+                                 "skipped": metrics["skipped"], "tokens": metrics["tokens"],
+                                 "pad_share": round(metrics["pad_share"], 4)})
             self.step += 1
             reporter.step(self.step, stream.name, metrics, time.time() - tick)
             if self.callbacks and accelerator.is_main_process:

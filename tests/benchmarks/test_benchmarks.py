@@ -94,3 +94,13 @@ def test_method_comparison_takes_the_minimum_over_seeds_and_draws_every_method(b
     assert set(bench.METHODS.values()) <= {str(p.relative_to(BENCHMARKS.parent))
                                            for p in (BENCHMARKS.parent / "recipes").rglob("*.yaml")}
     assert bench.chart([one_pass, two_pass, failed], tmp_path / "chart.png").stat().st_size > 10_000
+
+
+def test_packing_benchmark_prints_the_pad_share_each_way_without_recording(benchmarks, capsys):
+    results = BENCHMARKS / "RESULTS.md"
+    before = results.read_text()
+    benchmarks("bench_packing").main(["--quick", "--model", "tiny", "--rows", "8", "--batch-size", "4",
+                                      "--no-record"])
+    printed = capsys.readouterr().out
+    assert "| padded | 4.0 |" in printed and "| packed |" in printed and "pad share" in printed
+    assert results.read_text() == before
