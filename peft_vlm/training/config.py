@@ -69,6 +69,10 @@ class TrainConfig:
     report_to: str | None = "tensorboard"
     resume: bool = True  # continue from the newest checkpoint in output_dir, if there is one
     progress_bar: bool = True
+    # the frozen vision tower's patch tokens computed once per image and reused (model/vision_feature_cache.py):
+    # None: when the tower is frozen and deterministic and the data repeats (a stream runs past one epoch); True:
+    # always (an error if the tower trains or draws random numbers); False: never
+    cache_vision_features: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.output_dir, (str, os.PathLike)):
