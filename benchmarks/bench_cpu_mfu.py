@@ -202,16 +202,20 @@ def tower_share(model, batch: dict, step_seconds: float, repeats: int = 5) -> fl
     return seconds / step_seconds
 
 
-def main_job_batch(recipe_path: Path, rows: int, attn: str, methods: list | None = None):
+def main_job_batch(recipe_path: Path, rows: int, attn: str, methods: list | None = None, vision: str | None = None):
     """A recipe's model (methods applied, gates opened so they take part) and one batch of its questions (the
-    instruction stream, or the last stage's training stream); `methods` in place of the recipe's."""
+    instruction stream, or the last stage's training stream); `methods` in place of the recipe's, `vision` (an
+    open_clip architecture, random weights) in place of its tower."""
     from peft_vlm.data import Collator, SampleEncoder
     from peft_vlm.methods.apply import apply
     from peft_vlm.recipes import build_dataset, build_model, load_recipe, method_specs
 
     recipe = load_recipe(recipe_path)
     torch.manual_seed(0)
-    model = build_model({**recipe["model"], "attn_implementation": attn})
+    spec = {**recipe["model"], "attn_implementation": attn}
+    if vision is not None:
+        spec.update(vision=vision, vision_pretrained=None)
+    model = build_model(spec)
     apply(model, *method_specs(recipe["methods"] if methods is None else methods))
     common.open_gates(model)
     data = dict(recipe["data"])

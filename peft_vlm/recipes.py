@@ -495,6 +495,8 @@ class Evaluation:
         self.spec = recipe.get("eval") or {}
         self.questions = evaluation_questions(self.spec) if self.spec else []
         self.batch_size = int(self.spec.get("batch_size", 16))
+        # the run's choice for its tower features holds for its evaluation too (None: decided by the evaluation)
+        self.cache_vision_features = (recipe.get("train") or {}).get("cache_vision_features")
 
     def answer(self, model, count: bool | int = True, protocol=None, **options):
         """`vqa_accuracy` on the first `count` questions (all for `true`), answered by `protocol` (default: the
@@ -503,6 +505,7 @@ class Evaluation:
 
         protocol = protocol or getattr(model, "answer_protocol", None)
         with evaluation_precision(protocol.precision if protocol else None)():
+            options.setdefault("cache_vision_features", self.cache_vision_features)
             return vqa.vqa_accuracy(model, first(self.questions, count), batch_size=self.batch_size,
                                     protocol=protocol or False, **options)
 

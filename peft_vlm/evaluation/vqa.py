@@ -17,6 +17,7 @@ from peft_vlm.data.answer_protocol import AnswerProtocol
 from peft_vlm.data.prompting import IMAGE_PLACEHOLDER
 from peft_vlm.data.report import WRONG_SCHEMA, Skipped
 from peft_vlm.errors import DataError
+from peft_vlm.model import vision_feature_cache
 
 ARTICLES = {"a", "an", "the"}
 GREY = (128, 128, 128)  # neutral: a black image is unlike anything in training and makes models babble
@@ -89,6 +90,7 @@ def vqa_accuracy(
     replace_image: Image.Image | None = None,
     progress: bool = False,
     protocol: AnswerProtocol | bool | None = None,
+    cache_vision_features: bool | None = None,
 ) -> Accuracy:
     """Greedy answers to every question, answered the way `protocol` says (by default the model's
     `answer_protocol`, the one its adapter file recorded; `False`: one plain pass of up to 8 tokens).
@@ -98,7 +100,12 @@ def vqa_accuracy(
     as text; each distinct image (path or object) is described once, however many questions ask about it. With
     `answer_after`, what follows that marker is scored (a missing marker is no answer). Each distinct input (image,
     prompt) is answered once, however many questions share it: greedy answers to the same input are the same (with
-    `replace_image` every question sees one image, so a question text is answered once)."""
+    `replace_image` every question sees one image, so a question text is answered once).
+
+    `cache_vision_features`: where one image is asked about in several inputs (the describe pass and the answer
+    pass, several questions), its frozen tower features are computed once (`vision_feature_cache.for_evaluation`):
+    None uses the model's own cache (a training run's) or else one in memory for this call; True the cache on disk;
+    False none."""
     if protocol is None or protocol is True:
         protocol = getattr(model, "answer_protocol", None)
     protocol = protocol or AnswerProtocol(max_new_tokens=8)
@@ -106,6 +113,19 @@ def vqa_accuracy(
     accuracy = Accuracy()
     images_of = [None if q.image is None else (replace_image or q.image) for q in questions]
     prompts = [q.question for q in questions]
+    # an image asked about in several inputs (two passes, several questions) needs the tower once
+    with_image = {(image_key(i), p) for i, p in zip(images_of, prompts) if i is not None}
+    repeats = protocol.describe_first or len(with_image) > len({key for key, _ in with_image})
+    with vision_feature_cache.for_evaluation(model, cache_vision_features, repeats):
+        answer_of, inputs, distinct = _answers(model, images_of, prompts, batch_size, progress, protocol)
+    accuracy.asked = len(distinct)
+    for q, key in zip(questions, inputs):
+        accuracy.add(q.kind, q.answer, answer_of[key], q.question, protocol.answer_after)
+    return accuracy
+
+
+def _answers(model, images_of, prompts, batch_size, progress, protocol):
+    """(answer by distinct input, each question's input, the distinct inputs with their first question)."""
     if protocol.describe_first:
         descriptions = describe_images(model, images_of, batch_size, protocol)
         prompts = [p if i is None else protocol.question_after(descriptions[image_key(i)], p)
@@ -126,10 +146,7 @@ def vqa_accuracy(
         answers = model.generate(images=[images_of[i] for i in indices], prompts=[prompts[i] for i in indices],
                                  max_new_tokens=protocol.max_new_tokens, protocol=False)  # paths open in generate
         answer_of.update(zip(keys, answers))
-    accuracy.asked = len(distinct)
-    for q, key in zip(questions, inputs):
-        accuracy.add(q.kind, q.answer, answer_of[key], q.question, protocol.answer_after)
-    return accuracy
+    return answer_of, inputs, distinct
 
 
 def image_key(image) -> object:

@@ -31,6 +31,7 @@ from peft_vlm.data.prompting import IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID, supervise
 from peft_vlm.runtime.token_context import VisualInputs
 from peft_vlm.runtime.tracking import AppliedMethod, refresh_trainable, state_of
 from peft_vlm.model.vision_towers import VisionTower, build_vision_tower, check_vision_options
+from peft_vlm.model.vision_feature_cache import VisionFeatureCache, preprocessing_of
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 #: functions spec -> spec that give `VisionLanguageModel.base_spec` portable names for machine-specific paths
@@ -86,6 +87,9 @@ def _keep_4bit_layers_differentiable(model: PreTrainedModel) -> None:
 
 
 class VisionLanguageModel(VisionLanguageModule):
+    # the frozen tower's patch tokens by image, asked before the tower runs (`train.cache_vision_features`)
+    vision_feature_cache: VisionFeatureCache | None = None
+
     def __init__(
         self,
         language_model: PreTrainedModel,
@@ -267,8 +271,13 @@ class VisionLanguageModel(VisionLanguageModule):
         """(patch tokens from the tower, visual tokens from the connector)."""
         tower_parameter = next(self.vision_tower.parameters())
         trains = any(p.requires_grad for p in self.vision_tower.parameters())  # unfrozen, or LoRA inside
+        pixel_values = pixel_values.to(tower_parameter.device, tower_parameter.dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
-            patches = self.vision_tower(pixel_values.to(tower_parameter.device, tower_parameter.dtype))
+            if self.vision_feature_cache is None:
+                patches = self.vision_tower(pixel_values)
+            else:
+                patches = self.vision_feature_cache.patches(
+                    self.vision_tower, pixel_values, preprocessing_of(self.vision_tower, self.resize))
         return patches, self.connector(patches.to(next(self.connector.parameters()).dtype))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, image_rows=None) -> torch.Tensor:

@@ -72,6 +72,10 @@ class TrainConfig:
     # several examples share a row of a batch (whole examples, image tokens never cut; rows as wide as the batch's
     # longest example), each with its own positions and a mask that keeps it to itself: fewer pad tokens computed
     packing: bool = False
+    # the frozen vision tower's patch tokens computed once per image and reused (model/vision_feature_cache.py):
+    # None: when the tower is frozen and deterministic and the data repeats (a stream runs past one epoch); True:
+    # always (an error if the tower trains or draws random numbers); False: never
+    cache_vision_features: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.output_dir, (str, os.PathLike)):

@@ -41,6 +41,7 @@ from peft_vlm.training.reporting import Reporter
 from peft_vlm.training.run_lock import training_lock
 from peft_vlm.training.stop_request import StopRequest
 from peft_vlm.training.streams import DataStream, make_streams, micro_batches, param_groups, stand_in_batch, stream_for
+from peft_vlm.training.vision_cache import cache_for_run
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,8 @@ class JointTrainer:
                               "DeepSpeed keeps its own copies of the weights")
         self.backend = ds.DeepSpeedBackend(config) if ds.requested() else AccelerateBackend(config)
         self.accelerator = self.backend.accelerator
+        self.vision_cache = cache_for_run(model, config, self.streams, self.accelerator.num_processes,
+                                          sharded=self.deepspeed or config.sharding != "ddp")
         if config.gradient_checkpointing:
             model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = self.backend.prepare(model, self._param_groups)
@@ -228,6 +231,8 @@ class JointTrainer:
         frozen_dtype = torch.bfloat16 if config.frozen_linears_in_bf16 and bf16 else None
         with frozen_linear_weights_in(self.unwrapped, frozen_dtype), StopRequest() as stop:
             self._train_loop(config, reporter, stop)
+        if self.vision_cache is not None:
+            log.info(self.vision_cache.summary())
         reporter.close()
         self.save_checkpoint()
         adapter_path = self.save_adapter(Path(config.output_dir) / "adapter.safetensors")

@@ -104,3 +104,16 @@ def test_packing_benchmark_prints_the_pad_share_each_way_without_recording(bench
     printed = capsys.readouterr().out
     assert "| padded | 4.0 |" in printed and "| packed |" in printed and "pad share" in printed
     assert results.read_text() == before
+
+def test_vision_cache_benchmark_times_the_step_without_and_with_every_image_a_hit(benchmarks, vlm_factory, images,
+                                                                                   tmp_path):
+    import peft_vlm as pv
+
+    bench = benchmarks("bench_vision_cache")
+    model = pv.apply(vlm_factory(), pv.AdaptionPromptConfig(length=4, layers=2), pv.BiasScaleConfig())
+    batch = model.tokenize(["<image> what colour?", "<image> what shape is it?"], [images[0], images[1]],
+                           answers=["red", "circle"])
+    seconds = bench.measure(model, dict(batch), steps=1, warmup=0, bf16=False, folder=tmp_path / "features")
+    assert {"without", "with", "tower"} <= set(seconds) and all(seconds[k] > 0 for k in ("without", "with", "tower"))
+    assert seconds["hits"] == 2  # the timed step: both images read from the cache the first step filled
+    assert model.vision_feature_cache is None and len(list((tmp_path / "features").rglob("*.safetensors"))) == 2
