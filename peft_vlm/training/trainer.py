@@ -152,6 +152,9 @@ class JointTrainer:
         factor = self.lr_factor(self.step)
         for group in backend.param_groups(stream.name):
             group["lr"] = group["initial_lr"] * factor
+        # every group's rate at this step, the other streams' too (theirs are set when they next train)
+        group_lrs = {group.get("group", name): group["initial_lr"] * factor
+                     for name in self.streams for group in backend.param_groups(name)}
         batches, slots = micro_batches(stream, self.collate, self.config, self.accelerator.num_processes,
                                        self.accelerator.process_index)
         self._stop_on_skipped_rows(stream, sum(len(batch) for batch in batches))
@@ -182,7 +185,7 @@ class JointTrainer:
             self.nonfinite_in_row += 1
         mean_loss = self.accelerator.reduce(total_loss, "mean").item()
         return {"loss": mean_loss if all_finite else float("nan"), "tokens": tokens * self.accelerator.num_processes,
-                "lr": self.config.learning_rate * factor, "skipped": not all_finite}
+                "lr": self.config.learning_rate * factor, "group_lrs": group_lrs, "skipped": not all_finite}
 
     def _stop_on_skipped_rows(self, stream: DataStream, rows: int) -> None:
         """Every process stops together, with the skip report, when the step's whole batch was lost or any process
@@ -216,7 +219,7 @@ class JointTrainer:
             self.load_checkpoint(checkpoint)
             if accelerator.is_main_process:
                 say_how_it_resumes(checkpoint, config)
-        reporter = Reporter(config, accelerator, list(self.streams))
+        self.reporter = reporter = Reporter(config, accelerator, list(self.streams))
         reporter.start(self.step)
         self.model.train()
         bf16 = self.accelerator.mixed_precision == "bf16"
@@ -255,6 +258,13 @@ class JointTrainer:
                                       f"run the same command again to resume from it")
             if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < config.max_steps:
                 self.save_checkpoint()
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        """Scalars to the run's trackers (`report_to`, TensorBoard by default) at `step`, beside the losses; a
+        callback's figures, say. Nothing without `report_to`, or outside `train()`."""
+        reporter = getattr(self, "reporter", None)
+        if reporter is not None:
+            reporter.log(values, step)
 
     def _run_callbacks(self) -> None:
         """Each callback gets the trainer after `self.step` optimizer steps (on the main process; the others wait
