@@ -496,14 +496,15 @@ class Evaluation:
         self.questions = evaluation_questions(self.spec) if self.spec else []
         self.batch_size = int(self.spec.get("batch_size", 16))
 
-    def answer(self, model, count: bool | int = True, protocol=None, **options):
-        """`vqa_accuracy` on the first `count` questions (all for `true`), answered by `protocol` (default: the
-        model's `answer_protocol`) in the protocol's precision."""
+    def answer(self, model, count: bool | int = True, protocol=None, questions=None, **options):
+        """`vqa_accuracy` on the first `count` questions (all for `true`; or on `questions`), answered by `protocol`
+        (default: the model's `answer_protocol`) in the protocol's precision."""
         from peft_vlm.evaluation import vqa
 
         protocol = protocol or getattr(model, "answer_protocol", None)
         with evaluation_precision(protocol.precision if protocol else None)():
-            return vqa.vqa_accuracy(model, first(self.questions, count), batch_size=self.batch_size,
+            return vqa.vqa_accuracy(model, first(self.questions, count) if questions is None else questions,
+                                    batch_size=self.batch_size,
                                     protocol=protocol or False, **options)
 
 
@@ -647,8 +648,19 @@ def evaluate_trained(model, recipe: dict, evaluation: Evaluation, result) -> dic
         # first `verify_reload` questions, or all of them with `true`)
         from peft_vlm.methods.adapter_file import load_adapter
 
+        from peft_vlm.evaluation.reload_check import check_reload
+        from peft_vlm.training.config import resolve_mixed_precision
+
         reloaded = load_adapter(build_model(recipe.get("model") or {}), result.adapter_path)
+        device = next(model.parameters()).device
+        quantized = getattr(getattr(reloaded, "language_model", reloaded), "is_loaded_in_4bit", False)
+        if next(reloaded.parameters()).device != device and not quantized:
+            reloaded.to(device)  # answered where the trained model answers (its GPU): the same kernels
         figures["reloaded"] = evaluation.answer(reloaded, spec["verify_reload"])
-        answers = [given for _, _, given in figures["accuracy"].examples[:len(figures["reloaded"].examples)]]
-        figures["reload_identical"] = answers == [given for _, _, given in figures["reloaded"].examples]
+        precision = model.answer_protocol.precision if model.answer_protocol else None
+        figures["reload_check"] = check_reload(
+            model, reloaded, evaluation.questions, figures["accuracy"], figures["reloaded"],
+            lambda answering, questions: evaluation.answer(answering, questions=questions),
+            "bf16" if resolve_mixed_precision(precision) == "bf16" else "fp32")
+        figures["reload_identical"] = figures["reload_check"].identical
     return figures

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -39,7 +40,8 @@ from peft_vlm.training.preflight import check_output_dir, refuse_merged
 from peft_vlm.training.reporting import Reporter
 from peft_vlm.training.run_lock import training_lock
 from peft_vlm.training.stop_request import StopRequest
-from peft_vlm.training.streams import DataStream, make_streams, micro_batches, param_groups, stand_in_batch, stream_for
+from peft_vlm.training.streams import (DataStream, make_streams, micro_batches, param_groups, stand_in_batch,
+                                       stream_for, untrained_groups)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,19 @@ def say_how_it_resumes(checkpoint: ckpt.Checkpoint, config: TrainConfig) -> None
         log.warning("resuming the run in '%s' (started with max_steps=%d) at step %d and training on to "
                     "max_steps=%d: the learning-rate schedule now spans %d steps",
                     config.output_dir, started_with, step, config.max_steps, config.max_steps)
+
+
+def warn_untrained_groups(group_of: dict[str, str], streams: dict[str, DataStream], config: TrainConfig) -> None:
+    """One warning, at the start, for each trainable group that no stream of the run trains: its parameters would
+    never move, yet the adapter saves them as trained."""
+    for group, names in untrained_groups(group_of, streams).items():
+        listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        feeders = [kind for kind, groups in (("caption", config.caption_groups),
+                                             ("instruction", config.instruction_groups)) if group in groups]
+        fed_by = (f"only {feeders[0]} batches train it and this run has no {feeders[0]}_data" if feeders else
+                  "neither caption_groups nor instruction_groups names it")
+        warnings.warn(f"trainable group '{group}' ({len(names)} parameter(s): {listed}) never moves in this run: "
+                      f"{fed_by}; pass that data, or train with data= (every group)", UserWarning, stacklevel=3)
 
 
 class TrainingStopped(PeftVlmError):
@@ -99,6 +114,7 @@ class JointTrainer:
             raise ConfigError("the model has nothing to train: apply a method first (pv.apply)")
         self.group_of = {name: group for name, (_, _, group) in tracked.items()}
         self.streams, self.names_by_stream = make_streams(config, self.group_of, caption_data, instruction_data, data)
+        warn_untrained_groups(self.group_of, self.streams, config)
         self.trained_names = sorted(tracked)
         self.metadata = adapter_metadata(model)
         # now, not at the first checkpoint (with checkpoint_every 0: after all steps)

@@ -52,3 +52,19 @@ def test_tensorboard_gets_both_streams_losses_the_learning_rates_and_the_accurac
         assert logged.get(name) == [2, 4], name
     for name in ("eval/accuracy_color", "eval/accuracy_yes_no", "eval/accuracy_all", "eval/accuracy_color_grey"):
         assert sorted(logged.get(name, [])) == [0, 2, 4], name
+
+
+def test_a_trainable_group_no_stream_trains_is_named_once_at_the_start(joint, tmp_path):
+    model, _, instructions = joint
+    config = pv.TrainConfig(output_dir=str(tmp_path), max_steps=1, report_to=None, progress_bar=False)
+    with pytest.warns(UserWarning, match=r"trainable group 'vision' \(\d+ parameter\(s\): connector\..*never moves.*"
+                                         r"no caption_data") as caught:
+        pv.JointTrainer(model, config, instruction_data=instructions)
+    assert len([w for w in caught if "never moves" in str(w.message)]) == 1
+
+
+def test_a_run_that_feeds_every_group_gets_no_such_warning(joint, tmp_path, recwarn):
+    model, captions, instructions = joint
+    config = pv.TrainConfig(output_dir=str(tmp_path), max_steps=1, report_to=None, progress_bar=False)
+    pv.JointTrainer(model, config, caption_data=captions, instruction_data=instructions)
+    assert not [w for w in recwarn if "never moves" in str(w.message)]
