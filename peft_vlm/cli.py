@@ -283,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
+    from peft_vlm.runtime import quiet
+
+    quiet.install()  # before peft is imported: one of them comes on its import
     try:
         arguments.run(arguments)
     except PeftVlmError as error:

@@ -30,6 +30,7 @@ from peft_vlm.data.dataset import TOO_MANY_SKIPPED
 from peft_vlm.errors import ConfigError, DataError, PeftVlmError
 from peft_vlm.methods.adapter_file import adapter_metadata, write_adapter
 from peft_vlm.methods.model_card import write_model_card
+from peft_vlm.runtime import quiet
 from peft_vlm.runtime.tracking import named_tracked_parameters
 from peft_vlm.training import checkpoint as ckpt
 from peft_vlm.training import deepspeed as ds
@@ -106,6 +107,7 @@ class JointTrainer:
         callbacks: list[Callable[["JointTrainer", int], None]] = (),
     ):
         refuse_merged(model)
+        quiet.install()
         self.config = config
         self.callbacks = list(callbacks)
         self.collate = collate_fn or Collator.for_model(model)
@@ -125,7 +127,11 @@ class JointTrainer:
         self.backend = ds.DeepSpeedBackend(config) if ds.requested() else AccelerateBackend(config)
         self.accelerator = self.backend.accelerator
         if config.gradient_checkpointing:
-            model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            language_model = model.language_model
+            if hasattr(language_model, "activation_checkpointing_enable"):  # its name from transformers 5 on
+                language_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = self.backend.prepare(model, self._param_groups)
         self.unwrapped, self.stream_parameters = self.backend.unwrapped, self.backend.stream_parameters
         self.step, self.skipped_steps, self.nonfinite_in_row, self.history = 0, 0, 0, []
