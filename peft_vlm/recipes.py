@@ -645,11 +645,11 @@ def evaluate_trained(model, recipe: dict, evaluation: Evaluation, result) -> dic
         figures["text_only_ceiling"] = easy_vqa.text_only_ceiling()
     if spec.get("verify_reload"):
         # the shared file must be the whole story: a fresh base plus the adapter answers exactly the same (on the
-        # first `verify_reload` questions, or all of them with `true`)
-        from peft_vlm.methods.adapter_file import load_adapter
+        # first `verify_reload` questions, or all of them with `true`); a difference is explained or fails the run
+        import contextlib
 
         from peft_vlm.evaluation.reload_check import check_reload
-        from peft_vlm.training.config import resolve_mixed_precision
+        from peft_vlm.methods.adapter_file import load_adapter
 
         reloaded = load_adapter(build_model(recipe.get("model") or {}), result.adapter_path)
         device = next(model.parameters()).device
@@ -661,6 +661,6 @@ def evaluate_trained(model, recipe: dict, evaluation: Evaluation, result) -> dic
         figures["reload_check"] = check_reload(
             model, reloaded, evaluation.questions, figures["accuracy"], figures["reloaded"],
             lambda answering, questions: evaluation.answer(answering, questions=questions),
-            "bf16" if resolve_mixed_precision(precision) == "bf16" else "fp32")
+            "fp32" if evaluation_precision(precision) is contextlib.nullcontext else "bf16")
         figures["reload_identical"] = figures["reload_check"].identical
     return figures

@@ -39,8 +39,8 @@ class ReloadCheck:
         if self.identical:
             return f"saved adapter on a freshly loaded base: identical answers on {where}"
         return (f"saved adapter on a freshly loaded base: {len(self.differing):,} of {self.compared:,} answers "
-                f"differ on {where}, each a near-tied token in {self.precision} that flips with the batch the question "
-                f"shares (same weights; asked in the same batch, both models give the same answers)")
+                f"differ on {where}, by the {self.precision} rounding of the batches they were answered in (equal "
+                f"tensors; asked again in one batch, both models give the same answers)")
 
 
 def tensor_difference(trained, reloaded) -> str | None:

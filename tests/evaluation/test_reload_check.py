@@ -59,7 +59,7 @@ def test_answers_that_agree_in_the_same_batch_are_explained_not_failed(pair):
                          precision="bf16")
     assert not check.identical and check.differing == [4]
     line = check.line("every question")
-    assert "1 of 6 answers differ" in line and "near-tied token in bf16" in line and "same answers" in line
+    assert "1 of 6 answers differ" in line and "bf16 rounding of the batches" in line and "same answers" in line
 
 
 def test_a_corrupted_reload_fails_naming_the_first_differing_question_and_the_tensor(pair):
