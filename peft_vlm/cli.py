@@ -46,7 +46,9 @@ def format_figures(figures: dict) -> str:
         same = "identical answers" if figures["reload_identical"] else "DIFFERENT answers"
         answered, asked = figures["reloaded"].total["all"], figures["accuracy"].total["all"]
         where = "every question" if answered == asked else f"the first {answered:,} questions"
-        lines.append(f"saved adapter on a freshly loaded base: {same} on {where}")
+        check = figures.get("reload_check")
+        lines.append(check.line(where) if check is not None else
+                     f"saved adapter on a freshly loaded base: {same} on {where}")
     if "trainable_parameters" in figures:
         lines.append(f"trainable parameters: {figures['trainable_parameters']:,}")
     if "adapter" in figures:
@@ -281,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
+    from peft_vlm.runtime import quiet
+
+    quiet.install()  # before peft is imported: one of them comes on its import
     try:
         arguments.run(arguments)
     except PeftVlmError as error:

@@ -498,15 +498,16 @@ class Evaluation:
         # the run's choice for its tower features holds for its evaluation too (None: decided by the evaluation)
         self.cache_vision_features = (recipe.get("train") or {}).get("cache_vision_features")
 
-    def answer(self, model, count: bool | int = True, protocol=None, **options):
-        """`vqa_accuracy` on the first `count` questions (all for `true`), answered by `protocol` (default: the
-        model's `answer_protocol`) in the protocol's precision."""
+    def answer(self, model, count: bool | int = True, protocol=None, questions=None, **options):
+        """`vqa_accuracy` on the first `count` questions (all for `true`; or on `questions`), answered by `protocol`
+        (default: the model's `answer_protocol`) in the protocol's precision."""
         from peft_vlm.evaluation import vqa
 
         protocol = protocol or getattr(model, "answer_protocol", None)
         with evaluation_precision(protocol.precision if protocol else None)():
             options.setdefault("cache_vision_features", self.cache_vision_features)
-            return vqa.vqa_accuracy(model, first(self.questions, count), batch_size=self.batch_size,
+            return vqa.vqa_accuracy(model, first(self.questions, count) if questions is None else questions,
+                                    batch_size=self.batch_size,
                                     protocol=protocol or False, **options)
 
 
@@ -647,11 +648,22 @@ def evaluate_trained(model, recipe: dict, evaluation: Evaluation, result) -> dic
         figures["text_only_ceiling"] = easy_vqa.text_only_ceiling()
     if spec.get("verify_reload"):
         # the shared file must be the whole story: a fresh base plus the adapter answers exactly the same (on the
-        # first `verify_reload` questions, or all of them with `true`)
+        # first `verify_reload` questions, or all of them with `true`); a difference is explained or fails the run
+        import contextlib
+
+        from peft_vlm.evaluation.reload_check import check_reload
         from peft_vlm.methods.adapter_file import load_adapter
 
         reloaded = load_adapter(build_model(recipe.get("model") or {}), result.adapter_path)
+        device = next(model.parameters()).device
+        quantized = getattr(getattr(reloaded, "language_model", reloaded), "is_loaded_in_4bit", False)
+        if next(reloaded.parameters()).device != device and not quantized:
+            reloaded.to(device)  # answered where the trained model answers (its GPU): the same kernels
         figures["reloaded"] = evaluation.answer(reloaded, spec["verify_reload"])
-        answers = [given for _, _, given in figures["accuracy"].examples[:len(figures["reloaded"].examples)]]
-        figures["reload_identical"] = answers == [given for _, _, given in figures["reloaded"].examples]
+        precision = model.answer_protocol.precision if model.answer_protocol else None
+        figures["reload_check"] = check_reload(
+            model, reloaded, evaluation.questions, figures["accuracy"], figures["reloaded"],
+            lambda answering, questions: evaluation.answer(answering, questions=questions),
+            "fp32" if evaluation_precision(precision) is contextlib.nullcontext else "bf16")
+        figures["reload_identical"] = figures["reload_check"].identical
     return figures

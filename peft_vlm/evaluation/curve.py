@@ -1,7 +1,10 @@
 """Accuracy against training steps: a small evaluation every `every` steps, with the real image and with a neutral
 grey one, per question type; drawn as a PNG at the end of training (`accuracy_curve.png` beside `loss_curve.png`).
 
-Use it as a `JointTrainer` callback: `JointTrainer(..., callbacks=[AccuracyCurve(questions, every=50)])`.
+Use it as a `JointTrainer` callback: `JointTrainer(..., callbacks=[AccuracyCurve(questions, every=50)])`. As a
+callback it also sends its points to the run's tracker (TensorBoard by default) at their step: `eval/accuracy_<type>`
+with the real image, `eval/accuracy_<type>_grey` with the grey one (`yes/no` as `yes_no`); a point measured before
+training (`measure(model, 0)`) goes with the first step.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from peft_vlm.data.answer_protocol import AnswerProtocol
+from peft_vlm.runtime.run_output import tag
 from peft_vlm.evaluation.vqa import Question, grey_image, vqa_accuracy
 
 
@@ -37,11 +41,20 @@ class AccuracyCurve:
         self.protocol = protocol  # how to answer; None: the model's own `answer_protocol`
         self.output_dir = Path(output_dir)
         self.points: list[dict] = []  # {"step", "image": "real"/"grey", kind: accuracy, ...}
+        self.logged = 0  # points already sent to a tracker
 
     def __call__(self, trainer, step: int) -> None:
-        if step % self.every and step != trainer.config.max_steps:
-            return
-        self.measure(trainer.unwrapped, step)
+        if not (step % self.every and step != trainer.config.max_steps):
+            self.measure(trainer.unwrapped, step)
+        self.send(trainer)
+
+    def send(self, trainer) -> None:
+        """The points not sent yet, to the trainer's tracker, each at its step."""
+        for point in self.points[self.logged:]:
+            suffix = "" if point["image"] == "real" else f"_{tag(point['image'])}"
+            trainer.log({f"eval/accuracy_{tag(kind)}{suffix}": value for kind, value in point.items()
+                         if kind not in ("step", "image")}, point["step"])
+        self.logged = len(self.points)
 
     def measure(self, model, step: int) -> None:
         for image, replace in (("real", None), ("grey", grey_image(model))):

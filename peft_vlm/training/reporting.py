@@ -1,9 +1,18 @@
-"""What a run shows while it trains: a progress bar (loss, kind of batch, tokens/s), TensorBoard scalars (through
-accelerate's trackers) every `log_every` steps, and `loss_curve.png` at the end."""
+"""What a run shows while it trains: a progress bar (loss, kind of batch, tokens/s), tracker scalars (TensorBoard by
+default, through accelerate's trackers) every `log_every` steps, and `loss_curve.png` at the end.
+
+The tracker gets, at each logged step, the mean loss since the last logged step of every stream that had steps in
+that window (`train/loss_caption`, `train/loss_instruction`, or `train/loss_train` with `data=`) and of all of them
+(`train/loss`): steps alternate between the streams, so a single step's loss would show one stream only. Beside them:
+each parameter group's learning rate (`train/lr_<group>`), `train/tokens_per_s` and `train/skipped_steps`. Other
+parts of a run add theirs through `Reporter.log` (`JointTrainer.log`): the accuracy curve's `eval/accuracy_<type>`.
+"""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+from peft_vlm.runtime.run_output import tag
 from peft_vlm.training.config import TrainConfig
 
 
@@ -11,11 +20,15 @@ class Reporter:
     def __init__(self, config: TrainConfig, accelerator, stream_names: list[str]):
         self.config, self.accelerator, self.stream_names = config, accelerator, stream_names
         self.progress = None
+        self.tracking = False
+        self._window: dict[str, list[float]] = {}  # stream -> finite losses since the last logged step
+        self._skipped = 0
 
     def start(self, step: int) -> None:
         config = self.config
         if config.report_to:
             self.accelerator.init_trackers("peft_vlm", config={k: str(v) for k, v in vars(config).items()})
+            self.tracking = True
         from tqdm.auto import tqdm
 
         enabled = config.progress_bar and self.accelerator.is_main_process
@@ -27,10 +40,23 @@ class Reporter:
         tokens_per_second = metrics["tokens"] / max(seconds, 1e-9)
         self.progress.update(1)
         self.progress.set_postfix(loss=f"{metrics['loss']:.3f}", kind=stream, tok_s=f"{tokens_per_second:.0f}")
-        if self.config.report_to and (step % self.config.log_every == 0 or step == self.config.max_steps):
-            self.accelerator.log({f"loss/{stream}": metrics["loss"], "lr": metrics["lr"],
-                                  "tokens_per_s": tokens_per_second},
-                                 step=step)
+        if math.isfinite(metrics["loss"]):
+            self._window.setdefault(stream, []).append(metrics["loss"])
+        self._skipped += bool(metrics.get("skipped"))
+        if step % self.config.log_every == 0 or step == self.config.max_steps:
+            values = {f"train/loss_{tag(name)}": sum(losses) / len(losses) for name, losses in self._window.items()}
+            every = [loss for losses in self._window.values() for loss in losses]
+            if every:
+                values["train/loss"] = sum(every) / len(every)
+            values.update({f"train/lr_{tag(group)}": lr for group, lr in metrics.get("group_lrs", {}).items()})
+            values.update({"train/tokens_per_s": tokens_per_second, "train/skipped_steps": self._skipped})
+            self.log(values, step)
+            self._window, self._skipped = {}, 0
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        """Scalars to the run's trackers (none without `report_to`), at `step`."""
+        if self.tracking:
+            self.accelerator.log(values, step=step)
 
     def close(self) -> None:
         self.progress.close()
@@ -39,6 +65,7 @@ class Reporter:
         if self.accelerator.is_main_process:
             write_loss_curve(history, self.stream_names, Path(self.config.output_dir) / "loss_curve.png")
         self.accelerator.end_training()
+        self.tracking = False
 
 
 def write_loss_curve(history: list[dict], stream_names: list[str], path: Path) -> None:

@@ -79,6 +79,17 @@ def make_streams(config: TrainConfig, group_of: dict[str, str], caption_data, in
     return streams, names_by_stream
 
 
+def untrained_groups(group_of: dict[str, str], streams: dict[str, DataStream]) -> dict[str, list[str]]:
+    """{group: its parameter names} of the trainable groups that no stream of this run trains (a connector listed
+    trainable, say, when the run has instruction data only): they are saved as they were initialised."""
+    fed = {group for stream in streams.values() for group in stream.groups}
+    untrained: dict[str, list[str]] = {}
+    for name, group in group_of.items():
+        if group not in fed:
+            untrained.setdefault(group, []).append(name)
+    return untrained
+
+
 def stream_for(streams: dict[str, DataStream], caption_ratio: float, step: int) -> DataStream:
     """Caption steps are spread evenly: step i is one when floor((i+1) r) > floor(i r)."""
     if len(streams) == 1:

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,6 +30,7 @@ from peft_vlm.data.dataset import TOO_MANY_SKIPPED
 from peft_vlm.errors import ConfigError, DataError, PeftVlmError
 from peft_vlm.methods.adapter_file import adapter_metadata, write_adapter
 from peft_vlm.methods.model_card import write_model_card
+from peft_vlm.runtime import quiet
 from peft_vlm.runtime.packing import check_packing
 from peft_vlm.runtime.tracking import named_tracked_parameters
 from peft_vlm.training import checkpoint as ckpt
@@ -40,7 +42,8 @@ from peft_vlm.training.preflight import check_output_dir, refuse_merged
 from peft_vlm.training.reporting import Reporter
 from peft_vlm.training.run_lock import training_lock
 from peft_vlm.training.stop_request import StopRequest
-from peft_vlm.training.streams import DataStream, make_streams, micro_batches, param_groups, stand_in_batch, stream_for
+from peft_vlm.training.streams import (DataStream, make_streams, micro_batches, param_groups, stand_in_batch,
+                                       stream_for, untrained_groups)
 from peft_vlm.training.vision_cache import cache_for_run
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,19 @@ def say_how_it_resumes(checkpoint: ckpt.Checkpoint, config: TrainConfig) -> None
         log.warning("resuming the run in '%s' (started with max_steps=%d) at step %d and training on to "
                     "max_steps=%d: the learning-rate schedule now spans %d steps",
                     config.output_dir, started_with, step, config.max_steps, config.max_steps)
+
+
+def warn_untrained_groups(group_of: dict[str, str], streams: dict[str, DataStream], config: TrainConfig) -> None:
+    """One warning, at the start, for each trainable group that no stream of the run trains: its parameters would
+    never move, yet the adapter saves them as trained."""
+    for group, names in untrained_groups(group_of, streams).items():
+        listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        feeders = [kind for kind, groups in (("caption", config.caption_groups),
+                                             ("instruction", config.instruction_groups)) if group in groups]
+        fed_by = (f"only {feeders[0]} batches train it and this run has no {feeders[0]}_data" if feeders else
+                  "neither caption_groups nor instruction_groups names it")
+        warnings.warn(f"trainable group '{group}' ({len(names)} parameter(s): {listed}) never moves in this run: "
+                      f"{fed_by}; pass that data, or train with data= (every group)", UserWarning, stacklevel=3)
 
 
 class TrainingStopped(PeftVlmError):
@@ -93,6 +109,7 @@ class JointTrainer:
         callbacks: list[Callable[["JointTrainer", int], None]] = (),
     ):
         refuse_merged(model)
+        quiet.install()
         self.config = config
         self.callbacks = list(callbacks)
         if config.packing:  # refused now, before any step, naming the method that cannot take packed rows
@@ -103,6 +120,7 @@ class JointTrainer:
             raise ConfigError("the model has nothing to train: apply a method first (pv.apply)")
         self.group_of = {name: group for name, (_, _, group) in tracked.items()}
         self.streams, self.names_by_stream = make_streams(config, self.group_of, caption_data, instruction_data, data)
+        warn_untrained_groups(self.group_of, self.streams, config)
         self.trained_names = sorted(tracked)
         self.metadata = adapter_metadata(model)
         # now, not at the first checkpoint (with checkpoint_every 0: after all steps)
@@ -115,7 +133,11 @@ class JointTrainer:
         self.vision_cache = cache_for_run(model, config, self.streams, self.accelerator.num_processes,
                                           sharded=self.deepspeed or config.sharding != "ddp")
         if config.gradient_checkpointing:
-            model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            language_model = model.language_model
+            if hasattr(language_model, "activation_checkpointing_enable"):  # its name from transformers 5 on
+                language_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = self.backend.prepare(model, self._param_groups)
         self.unwrapped, self.stream_parameters = self.backend.unwrapped, self.backend.stream_parameters
         self.step, self.skipped_steps, self.nonfinite_in_row, self.history = 0, 0, 0, []
@@ -158,6 +180,9 @@ class JointTrainer:
         factor = self.lr_factor(self.step)
         for group in backend.param_groups(stream.name):
             group["lr"] = group["initial_lr"] * factor
+        # every group's rate at this step, the other streams' too (theirs are set when they next train)
+        group_lrs = {group.get("group", name): group["initial_lr"] * factor
+                     for name in self.streams for group in backend.param_groups(name)}
         batches, slots = micro_batches(stream, self.collate, self.config, self.accelerator.num_processes,
                                        self.accelerator.process_index)
         self._stop_on_skipped_rows(stream, sum(len(batch) for batch in batches))
@@ -190,7 +215,7 @@ class JointTrainer:
         mean_loss = self.accelerator.reduce(total_loss, "mean").item()
         return {"loss": mean_loss if all_finite else float("nan"), "tokens": tokens * self.accelerator.num_processes,
                 "pad_share": 1 - tokens / positions if positions else 0.0,  # this process's share of padding
-                "lr": self.config.learning_rate * factor, "skipped": not all_finite}
+                "lr": self.config.learning_rate * factor, "group_lrs": group_lrs, "skipped": not all_finite}
 
     def _stop_on_skipped_rows(self, stream: DataStream, rows: int) -> None:
         """Every process stops together, with the skip report, when the step's whole batch was lost or any process
@@ -224,7 +249,7 @@ class JointTrainer:
             self.load_checkpoint(checkpoint)
             if accelerator.is_main_process:
                 say_how_it_resumes(checkpoint, config)
-        reporter = Reporter(config, accelerator, list(self.streams))
+        self.reporter = reporter = Reporter(config, accelerator, list(self.streams))
         reporter.start(self.step)
         self.model.train()
         bf16 = self.accelerator.mixed_precision == "bf16"
@@ -266,6 +291,13 @@ class JointTrainer:
                                       f"run the same command again to resume from it")
             if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < config.max_steps:
                 self.save_checkpoint()
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        """Scalars to the run's trackers (`report_to`, TensorBoard by default) at `step`, beside the losses; a
+        callback's figures, say. Nothing without `report_to`, or outside `train()`."""
+        reporter = getattr(self, "reporter", None)
+        if reporter is not None:
+            reporter.log(values, step)
 
     def _run_callbacks(self) -> None:
         """Each callback gets the trainer after `self.step` optimizer steps (on the main process; the others wait
