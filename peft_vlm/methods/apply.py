@@ -14,6 +14,7 @@ from peft_vlm.errors import ConfigError, IncompatibleMethodsError, UnknownMethod
 from peft_vlm.methods import presets
 from peft_vlm.methods.registry import Method, available_methods, get_method, method_for_config
 from peft_vlm.runtime import token_context
+from peft_vlm.runtime.four_bit import keep_4bit_layers_differentiable
 from peft_vlm.runtime.lm_layers import is_vision_language_model, language_model_of
 from peft_vlm.runtime.tracking import AppliedMethod, refresh_trainable, state_of
 
@@ -132,6 +133,7 @@ def apply(model: nn.Module, *configs: Any, target: str = "language") -> nn.Modul
             parameters = method.attach(model, language_model)
             state_of(model).add(AppliedMethod(method.name, method.config, method, parameters))
         refresh_trainable(model)
+    keep_4bit_layers_differentiable(language_model)
     return model
 
 

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from peft_vlm.runtime import packing, token_context
 from peft_vlm.runtime.attention import PREFIX as ATTENTION_PREFIX
+from peft_vlm.runtime.four_bit import keep_4bit_layers_differentiable
 from peft_vlm.model.connectors import build_connector
 from peft_vlm.model.module_base import VisionLanguageModule
 from peft_vlm.errors import ConfigError, ModelLoadError
@@ -72,18 +73,9 @@ def load_language_model(path: str, load_in_4bit: bool = False, dtype: Any = None
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        _keep_4bit_layers_differentiable(model)
+        keep_4bit_layers_differentiable(model)
     return model
 
-
-def _keep_4bit_layers_differentiable(model: PreTrainedModel) -> None:
-    """On a CPU with AVX-512 BF16, bitsandbytes repacks a 4-bit layer's weight for its inference kernel at the
-    layer's first eval-mode forward and keeps it repacked; that kernel has no backward, so a training step after
-    any evaluation (the accuracy curve, a describe pass) would get no gradient through the base. A model loaded
-    to be trained keeps the differentiable layout."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
 
 
 class VisionLanguageModel(VisionLanguageModule):

@@ -118,6 +118,7 @@ def test_on_a_4bit_base_bias_scale_trains_and_merge_warns_and_keeps_it(lm_factor
         tmp_path / "lm", quantization_config=quantization, device_map="cpu", dtype=torch.float32
     )
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    model.train()  # an eval-mode forward would repack the weights for bitsandbytes' CPU inference kernel
     with torch.no_grad():
         before = model(**_batch()).logits
     pv.apply(model, pv.BiasScaleConfig())

@@ -1,5 +1,6 @@
 """LoRA and QLoRA through peft, injected into the language model only."""
 import peft
+import transformers
 import pytest
 import torch
 
@@ -137,3 +138,31 @@ def test_qlora_gradients_survive_an_evaluation_pass(lm_factory, tokenizer, tiny_
     assert before["connector.mlp.0.weight"].abs().sum() > 0
     for name, grad in before.items():
         assert torch.allclose(after[name], grad, atol=1e-6), name
+
+
+def test_a_4bit_model_evaluated_before_apply_trains_through_its_base(lm_factory, tmp_path):
+    """A user's own 4-bit model, evaluated before `pv.apply` (its weights repacked for inference on an AVX-512 BF16
+    CPU), gets the gradients of one never evaluated, up to the repacking's rounding of the quantisation scales."""
+    from transformers import BitsAndBytesConfig
+
+    lm_factory().save_pretrained(tmp_path / "lm")
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=torch.float32)
+    ids = torch.randint(0, 300, (2, 9))
+
+    def lowest_lora_gradient(evaluate_first: bool):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "lm", quantization_config=quantization, device_map="cpu", dtype=torch.float32)
+        if evaluate_first:
+            with torch.no_grad():
+                model.eval()(ids)
+        pv.apply(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        nonzero_lora(model)
+        model.train()
+        model(ids, labels=ids).loss.backward()
+        return next(p.grad for n, p in model.named_parameters() if "layers.0.self_attn.q_proj.lora_A" in n)
+
+    fresh, evaluated = lowest_lora_gradient(False), lowest_lora_gradient(True)
+    assert fresh.abs().sum() > 0
+    assert torch.nn.functional.cosine_similarity(evaluated.flatten(), fresh.flatten(), dim=0) > 0.99
