@@ -178,7 +178,7 @@ def _eval(arguments: argparse.Namespace) -> None:
     # answered the way the adapter was trained to answer, in the precision it trained in
     protocol = _protocol(model, arguments, plain_tokens=8)
     spec.setdefault("batch_size", 64)
-    evaluation = Evaluation({"eval": spec})
+    evaluation = Evaluation({"eval": spec, "train": recipe.get("train") or {}})  # its tower-feature cache choice
     figures["accuracy"] = evaluation.answer(model, progress=True, protocol=protocol)
     if arguments.grey_image or spec.get("grey_image"):
         figures["grey_image"] = evaluation.answer(model, replace_image=vqa.grey_image(model), protocol=protocol)

@@ -90,3 +90,18 @@ def test_recipe_eval_section_with_grey_image_runs_on_a_wrapped_model(tmp_path, c
     grey = model.generate(images=[grey_image(model)] * len(rows), prompts=questions, max_new_tokens=8)
     assert reported(output, "trained, grey image") == shares(rows, grey)
     assert reported(output, "trained, real image")["colour"] == 50.0
+
+
+def test_recipe_eval_takes_the_recipes_choice_for_tower_features(tmp_path, monkeypatch):
+    from peft_vlm.evaluation import vqa
+
+    data_file(trained_adapter("qwen2_vl", tmp_path), tmp_path)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({"model": {"language_model": str(tmp_path / "base")},
+                                  "train": {"cache_vision_features": False},
+                                  "eval": {"format": "llava", "path": str(tmp_path / "eval.json")}}))
+    asked = []
+    answer = vqa.vqa_accuracy
+    monkeypatch.setattr(vqa, "vqa_accuracy", lambda *a, **options: asked.append(options) or answer(*a, **options))
+    assert main(["eval", str(tmp_path / "adapter"), "--recipe", str(recipe)]) == 0
+    assert asked and all(options["cache_vision_features"] is False for options in asked)
