@@ -77,7 +77,6 @@ def load_language_model(path: str, load_in_4bit: bool = False, dtype: Any = None
     return model
 
 
-
 class VisionLanguageModel(VisionLanguageModule):
     # the frozen tower's patch tokens by image, asked before the tower runs (`train.cache_vision_features`)
     vision_feature_cache: VisionFeatureCache | None = None
