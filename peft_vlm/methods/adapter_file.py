@@ -23,7 +23,7 @@ from peft_vlm.version import __version__
 from peft_vlm.errors import AdapterFileError, AdapterMismatchError, ConfigError, UnknownMethodError
 from peft_vlm.methods.apply import apply, is_merged, rollback_on_error
 from peft_vlm.methods.registry import config_from_entry
-from peft_vlm.runtime.attention import PREFIX as ATTENTION_PREFIX
+from peft_vlm.runtime.attention import kernel_under
 from peft_vlm.runtime.file_modes import like_other_outputs
 from peft_vlm.runtime.lm_layers import is_vision_language_model, language_model_of
 from peft_vlm.runtime.tracking import named_tracked_parameters, state_of
@@ -201,7 +201,7 @@ def _check_metadata(raw: dict[str, str], tensors: set[str], target: Path) -> dic
     if base_model is not None:
         attention = base_model.get("attn_implementation")
         if isinstance(attention, str):  # files of 0.1.0 recorded the extensible twin's name ("peft_vlm_eager")
-            base_model["attn_implementation"] = attention.removeprefix(ATTENTION_PREFIX)
+            base_model["attn_implementation"] = kernel_under(attention)
         metadata["base_model"] = base_model
     training = _json_field(raw, "training", dict, target, required=False)
     if training is not None:

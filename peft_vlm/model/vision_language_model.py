@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
 from peft_vlm.runtime import packing, token_context
-from peft_vlm.runtime.attention import PREFIX as ATTENTION_PREFIX
+from peft_vlm.runtime.attention import kernel_under
 from peft_vlm.runtime.four_bit import keep_4bit_layers_differentiable
 from peft_vlm.model.connectors import build_connector
 from peft_vlm.model.module_base import VisionLanguageModule
@@ -202,8 +202,7 @@ class VisionLanguageModel(VisionLanguageModule):
         if self.resize != "resize":
             spec["resize"] = self.resize
         # numerics differ by attention kernel (a greedy answer can flip), so a rebuilt base uses the trained one's
-        attention = getattr(self.language_model.config, "_attn_implementation", None)
-        attention = attention and attention.removeprefix(ATTENTION_PREFIX)  # the kernel under methods' extensions
+        attention = kernel_under(getattr(self.language_model.config, "_attn_implementation", None))
         if attention not in (None, "sdpa"):
             spec["attn_implementation"] = attention
         for rename in BASE_NAMES:

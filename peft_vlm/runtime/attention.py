@@ -24,6 +24,11 @@ PREFIX = "peft_vlm_"
 EXTENSIONS_ATTRIBUTE = "_peft_vlm_attention_extensions"
 
 
+def kernel_under(name: str | None) -> str | None:
+    """The attention kernel under the methods' extensible twin ("peft_vlm_eager" -> "eager"); None stays None."""
+    return name.removeprefix(PREFIX) if name else name
+
+
 @dataclass
 class AttentionCall:
     """One call of a layer's attention, as an extension sees it."""

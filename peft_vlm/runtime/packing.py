@@ -23,7 +23,7 @@ import dataclasses
 import torch
 
 from peft_vlm.errors import ConfigError
-from peft_vlm.runtime.attention import PREFIX
+from peft_vlm.runtime.attention import kernel_under
 from peft_vlm.runtime.tracking import state_of
 
 MASKED_KERNELS = ("sdpa", "eager")
@@ -42,7 +42,7 @@ def check_packing(model) -> None:
 
 def kernel_of(config) -> str:
     """The attention kernel under the methods' extensible twin ("sdpa", "eager", "flash_attention_2", ...)."""
-    return (getattr(config, "_attn_implementation", None) or "eager").removeprefix(PREFIX)
+    return kernel_under(getattr(config, "_attn_implementation", None)) or "eager"
 
 
 def check_kernel(config) -> str:
