@@ -1,9 +1,9 @@
 """Third-party messages that are expected and harmless in a `peft-vlm` run, silenced narrowly, in one place.
 
 `install()` is called by the command line and by `JointTrainer`, never on import of the library: a user who imports
-`peft_vlm` keeps every message of the libraries beneath it until they train. Each entry names the library's logger,
-the message it matches, and why it says nothing to a `peft_vlm` user; everything else, warnings a user's data, model
-or options cause included, still shows.
+`peft_vlm` keeps every message of the libraries beneath it until they train. Each entry names the logger that makes
+the record, the message it matches, and why it says nothing to a `peft_vlm` user; everything else, warnings a user's
+data, model or options cause included, still shows.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ HARMLESS = (
     ("DeepSpeed", r"Setting accelerator to CPU",
      "DeepSpeed, imported by accelerate, found no GPU: the run trains on the CPU as asked (DeepSpeed is used only "
      "under `accelerate launch` with a DeepSpeed config)"),
-    ("transformers", r"`use_cache=True` is incompatible with gradient checkpointing",
+    ("transformers.utils.generic", r"`use_cache=True` is incompatible with gradient checkpointing",
      "train.gradient_checkpointing: training forwards need no KV cache; generation still uses one"),
 )
 
@@ -32,23 +32,20 @@ class _Harmless(logging.Filter):
         return not self.pattern.search(record.getMessage())
 
 
-_installed: list[tuple[logging.Filterer, _Harmless]] = []
+_installed: list[tuple[logging.Logger, _Harmless]] = []
 
 
 def install() -> None:
     """Silence the `HARMLESS` messages (once per process; a second call does nothing)."""
     if _installed:
         return
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.get_logger()  # its library logger and handler, so that the handler can take a filter
     for name, pattern, _ in HARMLESS:
+        # on the logger that makes the record: dropped there, it reaches no handler, whether or not its library
+        # propagates to the root logger (transformers does when the environment sets CI)
         logger = logging.getLogger(name)
-        # a filter on the logger sees what is logged on it; one on its handlers also what its children propagate
-        for target in (logger, *logger.handlers):
-            harmless = _Harmless(pattern)
-            target.addFilter(harmless)
-            _installed.append((target, harmless))
+        harmless = _Harmless(pattern)
+        logger.addFilter(harmless)
+        _installed.append((logger, harmless))
 
 
 def uninstall() -> None:

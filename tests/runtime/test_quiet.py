@@ -39,7 +39,8 @@ def test_a_cli_run_prints_none_of_the_harmless_messages_but_the_users_own_warnin
             "sys.exit(main(sys.argv[2:]))")
     command = [sys.executable, "-c", code, str(tmp_path / "vit.json"), "train", str(RECIPE), "--max-steps", "1",
                *[item for override in overrides for item in ("--set", override)]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    # CI=1: transformers then lets its records propagate to the root logger, past its own handler
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "CI": "1"}
     completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     printed = completed.stdout + completed.stderr
