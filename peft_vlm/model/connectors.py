@@ -2,8 +2,9 @@
 
 Registered by name; `connector="mlp2x_gelu"` is LLaVA-1.5's projector, `"linear"` LLaVA-1's, `"downsample2x2_mlp"`
 CogVLM2's (a quarter of the visual tokens). Connectors with learned queries (`"perceiver_resampler"`, Flamingo;
-`"qformer"`, BLIP-2) live in `peft_vlm.model.resamplers`, loaded by import path when the registry is first read,
-as built-in methods are, so neither module imports the other at load time.
+`"qformer"`, BLIP-2, and `"qformer_question"`, its question-conditioned form) live in `peft_vlm.model.resamplers`,
+loaded by import path when the registry is first read, as built-in methods are, so neither module imports the other
+at load time.
 """
 from __future__ import annotations
 
@@ -30,6 +31,12 @@ def register_connector(name: str):
 
 class Connector(nn.Module):
     """Maps (images, tokens_in, vision_width) to (images, tokens_out, lm_hidden)."""
+
+    #: True for a connector that also reads the text of each image's prompt (BLIP-2's question-conditioned
+    #: Q-Former): `forward(patches, question, question_mask)` then gets the language model's input embeddings of
+    #: the prompt in each image's row, (images, length, lm_hidden), and a mask that is True on the prompt's tokens
+    #: (never on image slots, padding or the answer being trained on).
+    reads_question = False
 
     def num_output_tokens(self, num_input_tokens: int) -> int:
         return num_input_tokens

@@ -63,22 +63,38 @@ class PerceiverResampler(Connector):
 
 class QFormerBlock(nn.Module):
     """One BERT-like Q-Former block (post-norm, as BERT): self-attention among the queries, cross-attention from the
-    queries to the frozen patch tokens, feed-forward."""
+    queries to the frozen patch tokens, feed-forward. With `reads_text`, text tokens share the self-attention with
+    the queries (never the cross-attention) and have their own feed-forward, as in BLIP-2's Q-Former."""
 
-    def __init__(self, width: int, vision_width: int):
+    def __init__(self, width: int, vision_width: int, reads_text: bool = False):
         super().__init__()
         heads = _heads(width)
         self.self_attention = nn.MultiheadAttention(width, heads, batch_first=True)
         self.cross_attention = nn.MultiheadAttention(
             width, heads, kdim=vision_width, vdim=vision_width, batch_first=True
         )
-        self.feed_forward = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.feed_forward = _post_norm_feed_forward(width)
         self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(3))
+        if reads_text:
+            self.text_feed_forward, self.text_norm = _post_norm_feed_forward(width), nn.LayerNorm(width)
 
-    def forward(self, queries: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-        queries = self.norms[0](queries + self.self_attention(queries, queries, queries, need_weights=False)[0])
+    def forward(self, queries: torch.Tensor, patches: torch.Tensor, text: torch.Tensor | None = None,
+                text_padding: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if text is None:
+            queries = self.norms[0](queries + self.self_attention(queries, queries, queries, need_weights=False)[0])
+        else:
+            joint = torch.cat([queries, text], dim=1)
+            padding = torch.cat([text_padding.new_zeros(queries.shape[:2]), text_padding], dim=1)
+            joint = self.norms[0](joint + self.self_attention(joint, joint, joint, key_padding_mask=padding,
+                                                              need_weights=False)[0])
+            queries, text = joint[:, : queries.shape[1]], joint[:, queries.shape[1]:]
+            text = self.text_norm(text + self.text_feed_forward(text))
         queries = self.norms[1](queries + self.cross_attention(queries, patches, patches, need_weights=False)[0])
-        return self.norms[2](queries + self.feed_forward(queries))
+        return self.norms[2](queries + self.feed_forward(queries)), text
+
+
+def _post_norm_feed_forward(width: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
 
 @register_connector("qformer")
@@ -94,15 +110,45 @@ class QFormer(Connector):
         width = width or vision_width
         self.queries = nn.Parameter(torch.randn(num_queries, width) * 0.02)
         self.input_norm = nn.LayerNorm(vision_width)
-        self.blocks = nn.ModuleList(QFormerBlock(width, vision_width) for _ in range(depth))
+        self.blocks = nn.ModuleList(QFormerBlock(width, vision_width, self.reads_question) for _ in range(depth))
         self.proj = nn.Linear(width, hidden_size)
 
     def num_output_tokens(self, num_input_tokens: int) -> int:
         return len(self.queries)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self._read(patches)
+
+    def _read(self, patches: torch.Tensor, text: torch.Tensor | None = None,
+              text_padding: torch.Tensor | None = None) -> torch.Tensor:
         patches = self.input_norm(patches)
         queries = self.queries.expand(patches.shape[0], -1, -1)
         for block in self.blocks:
-            queries = block(queries, patches)
+            queries, text = block(queries, patches, text, text_padding)
         return self.proj(queries)
+
+
+@register_connector("qformer_question")
+class QuestionQFormer(QFormer):
+    """BLIP-2 sec 4.3 (VQA fine-tuning): the Q-Former is conditioned on the question. The prompt's tokens (the
+    language model's frozen input embeddings, mapped to the Q-Former's width, with learned positions) join the
+    queries' self-attention in every block, so the queries can pick from the image what the question asks about
+    and hand the frozen language model an answer-ready prompt. Without a question (`encode_images`) it reads the
+    image alone."""
+
+    reads_question = True
+    MAX_QUESTION_TOKENS = 256  # positions beyond share the last one
+
+    def __init__(self, vision_width: int, hidden_size: int, **options):
+        super().__init__(vision_width, hidden_size, **options)
+        width = self.queries.shape[-1]
+        self.question_in = nn.Sequential(nn.Linear(hidden_size, width), nn.LayerNorm(width))
+        self.question_positions = nn.Embedding(self.MAX_QUESTION_TOKENS, width)
+
+    def forward(self, patches: torch.Tensor, question: torch.Tensor | None = None,
+                question_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if question is None:
+            return self._read(patches)
+        positions = (question_mask.long().cumsum(-1) - 1).clamp(0, self.MAX_QUESTION_TOKENS - 1)
+        text = self.question_in(question.to(patches.dtype)) + self.question_positions(positions)
+        return self._read(patches, text, ~question_mask)

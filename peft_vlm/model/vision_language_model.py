@@ -28,7 +28,8 @@ from peft_vlm.errors import ConfigError, ModelLoadError
 from peft_vlm.data.collate import Collator
 from peft_vlm.data.encoding import SampleEncoder
 from peft_vlm.data.images import RESIZE_MODES, ImageProcessor
-from peft_vlm.data.prompting import IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID, supervised_span, with_placeholders
+from peft_vlm.data.prompting import (IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID, supervised_span,
+                                     with_placeholders)
 from peft_vlm.runtime.token_context import VisualInputs
 from peft_vlm.runtime.tracking import AppliedMethod, refresh_trainable, state_of
 from peft_vlm.model.vision_towers import VisionTower, build_vision_tower, check_vision_options
@@ -257,8 +258,10 @@ class VisionLanguageModel(VisionLanguageModule):
         """(images, 3, H, W) -> (images, tokens_per_image, hidden) visual tokens in the LM's embedding space."""
         return self._encode(pixel_values)[1]
 
-    def _encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(patch tokens from the tower, visual tokens from the connector)."""
+    def _encode(self, pixel_values: torch.Tensor, question: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(patch tokens from the tower, visual tokens from the connector). `question`: (embeddings, mask) of each
+        image's prompt, for a connector that reads it (`Connector.reads_question`)."""
         tower_parameter = next(self.vision_tower.parameters())
         trains = any(p.requires_grad for p in self.vision_tower.parameters())  # unfrozen, or LoRA inside
         pixel_values = pixel_values.to(tower_parameter.device, tower_parameter.dtype)
@@ -268,16 +271,23 @@ class VisionLanguageModel(VisionLanguageModule):
             else:
                 patches = self.vision_feature_cache.patches(
                     self.vision_tower, pixel_values, preprocessing_of(self.vision_tower, self.resize))
-        return patches, self.connector(patches.to(next(self.connector.parameters()).dtype))
+        patches_in = patches.to(next(self.connector.parameters()).dtype)
+        if question is not None and self.connector.reads_question:
+            return patches, self.connector(patches_in, *question)
+        return patches, self.connector(patches_in)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, image_rows=None) -> torch.Tensor:
         """Token embeddings with the visual tokens spliced in at the IMAGE_TOKEN_ID positions."""
         return self._embed(input_ids, pixel_values, image_rows)[0]
 
-    def _embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-               image_rows=None) -> tuple[torch.Tensor, VisualInputs]:
+    def _embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_rows=None,
+               prompt_mask: torch.Tensor | None = None, sequences=None) -> tuple[torch.Tensor, VisualInputs]:
         """(embeddings, the call's visual inputs): the token types, the images' patch and visual tokens and the
-        batch row of each image (`image_rows`, needed when the images take no positions in the sequence)."""
+        batch row of each image (`image_rows`, needed when the images take no positions in the sequence).
+
+        `prompt_mask` (True on the prompt's text: not padding, not the answer being trained on; every text token
+        when not given) and, in a packed batch, `sequences` = (sequence_ids, image_sequences) say which text each
+        image's prompt is, for a connector that reads it."""
         image_positions = input_ids == IMAGE_TOKEN_ID
         token_types = image_positions.long()
         embeddings = self.language_model.get_input_embeddings()(input_ids.masked_fill(image_positions, 0))
@@ -286,7 +296,10 @@ class VisionLanguageModel(VisionLanguageModule):
             if num_slots:
                 raise ConfigError(f"the input has {num_slots} image token slots but no pixel_values were given")
             return embeddings, VisualInputs(token_types=token_types)
-        patches, visual = self._encode(pixel_values)
+        question = None
+        if self.connector.reads_question:
+            question = self._question_of_each_image(embeddings, image_positions, image_rows, prompt_mask, sequences)
+        patches, visual = self._encode(pixel_values, question)
         if not num_slots and not self.images_in_sequence:
             if image_rows is None or len(image_rows) != len(visual):
                 raise ConfigError("images outside the sequence need image_rows: the batch row of each image")
@@ -302,6 +315,21 @@ class VisionLanguageModel(VisionLanguageModule):
         flat = visual.to(embeddings.dtype).reshape(-1, embeddings.shape[-1])
         spliced = embeddings.masked_scatter(image_positions.unsqueeze(-1), flat)
         return spliced, VisualInputs(patches, visual, image_owner, token_types)
+
+    def _question_of_each_image(self, embeddings, image_positions, image_rows, prompt_mask, sequences):
+        """(embeddings, mask) of the prompt text in each image's row (in a packed row: of the image's own example)."""
+        if image_positions.any():  # in reading order: image i's slots are the i-th run of tokens_per_image
+            image_rows = image_positions.nonzero()[:, 0][:: self.connector.num_output_tokens(
+                self.vision_tower.num_tokens)]
+        elif image_rows is None:
+            return None  # the error about missing image_rows comes with the images' own check
+        mask = ~image_positions if prompt_mask is None else prompt_mask.bool() & ~image_positions
+        image_rows = image_rows.to(embeddings.device)
+        mask = mask[image_rows]
+        if sequences is not None:
+            sequence_ids, image_sequences = sequences
+            mask = mask & (sequence_ids[image_rows] == image_sequences.to(embeddings.device)[:, None])
+        return embeddings[image_rows], mask
 
     # -- text ------------------------------------------------------------------------------------------------------
     def tokenize(
@@ -367,9 +395,15 @@ class VisionLanguageModel(VisionLanguageModule):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(device)
-        embeddings, visual = self._embed(input_ids, pixel_values, image_rows)
+        prompt_mask = attention_mask.bool()
+        if labels is not None:  # the answer a batch trains on is not the question a connector may read
+            prompt_mask = prompt_mask & (labels.to(device) == IGNORE_INDEX)
+        sequences = None
         if sequence_ids is not None:
             sequence_ids = sequence_ids.to(device)
+            sequences = (sequence_ids, image_sequences) if image_sequences is not None else None
+        embeddings, visual = self._embed(input_ids, pixel_values, image_rows, prompt_mask, sequences)
+        if sequence_ids is not None:
             visual = packing.with_sequences(visual, sequence_ids, image_sequences, input_ids == IMAGE_TOKEN_ID)
             packed = packing.packed_inputs(self, sequence_ids, embeddings.dtype)
             position_ids, attention_mask = packed.pop("position_ids"), packed.pop("attention_mask")
@@ -395,7 +429,7 @@ class VisionLanguageModel(VisionLanguageModule):
         device = self._lm_device()
         input_ids = input_ids.to(device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-        embeddings, visual = self._embed(input_ids, pixel_values, image_rows)
+        embeddings, visual = self._embed(input_ids, pixel_values, image_rows, attention_mask)
         generation_options.setdefault("do_sample", False)
         generation_options.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         with token_context.token_types(self, visual):

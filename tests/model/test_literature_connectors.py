@@ -66,9 +66,14 @@ def test_three_images_in_different_places_give_visual_tokens_and_types_at_exact_
     else:
         assert between == ["left of ", " middle then "]
     assert torch.equal(seen_token_types(model, batch), (ids == IMAGE_TOKEN_ID).long())
+    seen = []  # what the connector gave (a question-reading connector also read each image's prompt)
+    handle = model.connector.register_forward_hook(lambda module, args, output: seen.append(output))
     with torch.no_grad():
         embedded = model.embed(ids, batch["pixel_values"])
-        visual = model.encode_images(batch["pixel_values"])
+        visual = seen[0]
+        if not model.connector.reads_question:
+            assert torch.equal(visual, model.encode_images(batch["pixel_values"]))
+    handle.remove()
     spliced = [embedded[row, start:end] for row, row_runs in enumerate(runs) for start, end in row_runs]
     for image, tokens in enumerate(spliced):
         assert torch.equal(tokens, visual[image])
@@ -122,7 +127,7 @@ def test_setup_trains_with_the_lm_frozen_and_saves_and_loads_exactly(vlm_factory
         assert torch.equal(reloaded(**batch).logits, model(**batch).logits)
 
 
-@pytest.mark.parametrize("connector", ["perceiver_resampler", "qformer"])
+@pytest.mark.parametrize("connector", ["perceiver_resampler", "qformer", "qformer_question"])
 def test_summary_lists_the_connector_in_group_vision(vlm_factory, connector):
     model = vlm_factory(connector=connector)
     rows = {(row.method, row.group): row.parameters for row in pv.trainable_summary(model).rows}
