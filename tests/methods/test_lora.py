@@ -1,4 +1,5 @@
 """LoRA and QLoRA through peft, injected into the language model only."""
+import re
 import peft
 import transformers
 import pytest
@@ -166,3 +167,18 @@ def test_a_4bit_model_evaluated_before_apply_trains_through_its_base(lm_factory,
     fresh, evaluated = lowest_lora_gradient(False), lowest_lora_gradient(True)
     assert fresh.abs().sum() > 0
     assert torch.nn.functional.cosine_similarity(evaluated.flatten(), fresh.flatten(), dim=0) > 0.99
+
+
+@pytest.mark.parametrize("options,named", [
+    ({"r": 0}, "r=0"), ({"r": -4}, "r=-4"), ({"r": 10**11}, "r=100000000000"),
+    ({"rank_pattern": {"q_proj": 0}}, "rank_pattern['q_proj']=0"),
+    ({"lora_alpha": float("nan")}, "lora_alpha=nan"), ({"lora_alpha": 0}, "lora_alpha=0"),
+    ({"lora_dropout": 1.5}, "lora_dropout=1.5"),
+])
+def test_a_python_lora_config_out_of_range_is_refused_by_name_with_the_model_untouched(vlm_factory, options, named):
+    model = vlm_factory()
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    with pytest.raises(pv.ConfigError, match=re.escape(named)):
+        pv.apply(model, peft.LoraConfig(target_modules=["q_proj"], **options))
+    assert model.state_dict().keys() == before.keys()
+    assert not any("lora_" in name for name, _ in model.named_modules())
