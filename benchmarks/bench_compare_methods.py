@@ -37,6 +37,7 @@ METHODS = {
     "LLaMA-Adapter V2 (official code)": "recipes/easy_vqa/llama_adapter_v2_official.yaml",
     "LLaVA projector + LoRA": "recipes/easy_vqa/llava_lora.yaml",
     "QLoRA (4-bit base + LoRA)": "recipes/easy_vqa/qlora.yaml",
+    "QLoRA, one pass (4-bit base + projector + LoRA)": "recipes/easy_vqa/qlora_one_pass.yaml",
     "CogVLM visual expert + LoRA": "recipes/easy_vqa/cogvlm_expert.yaml",
     "LLaMA-Adapter v1 multimodal": "recipes/easy_vqa/llama_adapter_v1.yaml",
     "Flamingo (resampler + gated xattn)": "recipes/easy_vqa/flamingo.yaml",
