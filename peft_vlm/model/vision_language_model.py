@@ -395,13 +395,15 @@ class VisionLanguageModel(VisionLanguageModule):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(device)
-        prompt_mask = attention_mask.bool()
-        if labels is not None:  # the answer a batch trains on is not the question a connector may read
-            prompt_mask = prompt_mask & (labels.to(device) == IGNORE_INDEX)
-        sequences = None
         if sequence_ids is not None:
             sequence_ids = sequence_ids.to(device)
-            sequences = (sequence_ids, image_sequences) if image_sequences is not None else None
+        prompt_mask = sequences = None
+        if self.connector.reads_question:
+            prompt_mask = attention_mask.bool()
+            if labels is not None:  # the answer a batch trains on is not the question the connector may read
+                prompt_mask = prompt_mask & (labels.to(device) == IGNORE_INDEX)
+            if sequence_ids is not None and image_sequences is not None:
+                sequences = (sequence_ids, image_sequences)
         embeddings, visual = self._embed(input_ids, pixel_values, image_rows, prompt_mask, sequences)
         if sequence_ids is not None:
             visual = packing.with_sequences(visual, sequence_ids, image_sequences, input_ids == IMAGE_TOKEN_ID)
