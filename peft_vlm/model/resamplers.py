@@ -80,14 +80,15 @@ class QFormerBlock(nn.Module):
 
     def forward(self, queries: torch.Tensor, patches: torch.Tensor, text: torch.Tensor | None = None,
                 text_padding: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if text is None:
-            queries = self.norms[0](queries + self.self_attention(queries, queries, queries, need_weights=False)[0])
-        else:
+        joint, padding = queries, None
+        if text is not None:
             joint = torch.cat([queries, text], dim=1)
             padding = torch.cat([text_padding.new_zeros(queries.shape[:2]), text_padding], dim=1)
-            joint = self.norms[0](joint + self.self_attention(joint, joint, joint, key_padding_mask=padding,
-                                                              need_weights=False)[0])
-            queries, text = joint[:, : queries.shape[1]], joint[:, queries.shape[1]:]
+        joint = self.norms[0](joint + self.self_attention(joint, joint, joint, key_padding_mask=padding,
+                                                          need_weights=False)[0])
+        queries = joint[:, : queries.shape[1]]
+        if text is not None:
+            text = joint[:, queries.shape[1]:]
             text = self.text_norm(text + self.text_feed_forward(text))
         queries = self.norms[1](queries + self.cross_attention(queries, patches, patches, need_weights=False)[0])
         return self.norms[2](queries + self.feed_forward(queries)), text
