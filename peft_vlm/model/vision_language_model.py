@@ -78,6 +78,12 @@ def load_language_model(path: str, load_in_4bit: bool = False, dtype: Any = None
     return model
 
 
+def _row_of_each_image(image_positions: torch.Tensor, tokens_per_image: int) -> torch.Tensor:
+    """The batch row of each image whose visual tokens fill the sequence's image slots: images are spliced in
+    reading order, so image i belongs to the row holding its first slot."""
+    return image_positions.nonzero()[:, 0][::tokens_per_image]
+
+
 class VisionLanguageModel(VisionLanguageModule):
     # the frozen tower's patch tokens by image, asked before the tower runs (`train.cache_vision_features`)
     vision_feature_cache: VisionFeatureCache | None = None
@@ -309,18 +315,16 @@ class VisionLanguageModel(VisionLanguageModule):
                 f"{visual.shape[0]} image(s) give {visual.shape[0] * visual.shape[1]} visual tokens "
                 f"but the input has {num_slots} image token slots"
             )
-        # Images are spliced in reading order, so image i belongs to the row holding its first slot.
-        slot_rows = image_positions.nonzero()[:, 0]
-        image_owner = slot_rows[:: visual.shape[1]]
+        image_owner = _row_of_each_image(image_positions, visual.shape[1])
         flat = visual.to(embeddings.dtype).reshape(-1, embeddings.shape[-1])
         spliced = embeddings.masked_scatter(image_positions.unsqueeze(-1), flat)
         return spliced, VisualInputs(patches, visual, image_owner, token_types)
 
     def _question_of_each_image(self, embeddings, image_positions, image_rows, prompt_mask, sequences):
         """(embeddings, mask) of the prompt text in each image's row (in a packed row: of the image's own example)."""
-        if image_positions.any():  # in reading order: image i's slots are the i-th run of tokens_per_image
-            image_rows = image_positions.nonzero()[:, 0][:: self.connector.num_output_tokens(
-                self.vision_tower.num_tokens)]
+        if image_positions.any():
+            image_rows = _row_of_each_image(image_positions,
+                                            self.connector.num_output_tokens(self.vision_tower.num_tokens))
         elif image_rows is None:
             return None  # the error about missing image_rows comes with the images' own check
         mask = ~image_positions if prompt_mask is None else prompt_mask.bool() & ~image_positions
