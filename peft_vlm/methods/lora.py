@@ -8,7 +8,6 @@ exported in peft's own format and loaded with `peft.PeftModel.from_pretrained` o
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from typing import Any
@@ -20,7 +19,7 @@ from torch import nn
 
 from peft_vlm.errors import ConfigError, PeftVlmError
 from peft_vlm.methods.registry import Method, register
-from peft_vlm.options import INTEGER_LIMIT
+from peft_vlm.options import fits
 from peft_vlm.runtime.lm_layers import language_model_of
 from peft_vlm.runtime.tracking import state_of
 
@@ -35,18 +34,19 @@ def is_quantized(language_model: nn.Module) -> bool:
 
 def check_ranges(config: peft.LoraConfig) -> None:
     """peft accepts any rank, scale and dropout; a rank of 0 or 10**11 would fail (or fill the memory) only when the
-    matrices are made. One ConfigError naming the option, for a config from a recipe or built in Python."""
+    matrices are made. One ConfigError naming the option, for a config from a recipe or built in Python; the type
+    and size rules are the recipes' own (`options.fits`: finite numbers, integers below 2**32, no bools)."""
     ranks = {"r": config.r, **{f"rank_pattern[{k!r}]": v for k, v in (config.rank_pattern or {}).items()}}
     alphas = {"lora_alpha": config.lora_alpha,
               **{f"alpha_pattern[{k!r}]": v for k, v in (config.alpha_pattern or {}).items()}}
     for name, rank in ranks.items():
-        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank < INTEGER_LIMIT:
+        if not fits(rank, int) or rank < 1:
             raise ConfigError(f"LoraConfig {name}={rank!r}: a LoRA rank is an integer from 1 to 2**32 - 1")
     for name, alpha in alphas.items():
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        if not fits(alpha, float) or alpha <= 0:
             raise ConfigError(f"LoraConfig {name}={alpha!r}: the LoRA scale's numerator is a finite number > 0")
     dropout = config.lora_dropout
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+    if not fits(dropout, float) or not 0 <= dropout < 1:
         raise ConfigError(f"LoraConfig lora_dropout={dropout!r}: a dropout probability is a number from 0 below 1")
 
 
