@@ -136,6 +136,9 @@ class TimmVisionTower(VisionTower):
         super().__init__()
         import timm
 
+        if pretrained:  # from the hub's safetensors file only: timm's own search ends at a pickled one
+            model_options["pretrained_cfg_overlay"] = {"file": weights_files.timm_safetensors_weights(name),
+                                                         "source": "timm"}
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)

@@ -71,19 +71,43 @@ def require_open_clip_safetensors(name: str, pretrained: str | None) -> None:
         raise ModelLoadError(f"{where}: its weights come only as a pickled download; weights are read with "
                              "safetensors only (no pickle)")
     repo, file = os.path.split(tag["hf_hub"])
-    if not file.endswith(".safetensors"):  # open_clip's own order: the safetensors twin of the file named
-        stem = os.path.splitext(file)[0]
-        file = OPEN_CLIP_WEIGHTS[0] if stem in ("", "open_clip_pytorch_model") else stem + ".safetensors"
-    _fetch(repo, file, where)
+    _fetch(repo, _safetensors_twin(file), where)
 
 
-def _fetch(repo: str, file: str, where: str) -> None:
-    """Download `file` of hub repository `repo` into the cache (where its loader finds it), or refuse naming it."""
+def timm_safetensors_weights(name: str) -> str:
+    """The local safetensors file to build timm tower `name` (a timm name or `hf-hub:REPO`) with pretrained weights
+    from, fetched from the hub into its cache; a ModelLoadError where timm would read pickled weights (a download
+    URL, a hub file of another kind). timm itself falls back to `pytorch_model.bin` when a repository has no
+    safetensors file, so the tower is built from this file (timm's `pretrained_cfg` `file`), never from timm's
+    own search."""
+    where = f"vision tower 'timm:{name}' (pretrained)"
+    if name.startswith(OPEN_CLIP_HUB):
+        return _fetch(name[len(OPEN_CLIP_HUB):], "model.safetensors", where)
+    import timm
+
+    config = timm.models.get_pretrained_cfg(name)
+    if config is None or not config.hf_hub_id:
+        raise ModelLoadError(f"{where}: timm has no hub weights for it (only a pickled download, or none); weights "
+                             "are read with safetensors only (no pickle)")
+    return _fetch(config.hf_hub_id, _safetensors_twin(config.hf_hub_filename or "model.safetensors"), where)
+
+
+def _safetensors_twin(file: str) -> str:
+    """The safetensors file a hub loader reads in place of `file` (open_clip's and timm's own order)."""
+    if file.endswith(".safetensors"):
+        return file
+    stem = os.path.splitext(file)[0]
+    return OPEN_CLIP_WEIGHTS[0] if stem in ("", "open_clip_pytorch_model") else stem + ".safetensors"
+
+
+def _fetch(repo: str, file: str, where: str) -> str:
+    """Download `file` of hub repository `repo` into the cache (where its loader finds it) and give its local path,
+    or refuse naming it."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
-        hf_hub_download(repo, file)
+        return hf_hub_download(repo, file)
     except (OSError, ValueError, EntryNotFoundError) as error:
         raise ModelLoadError(f"{where}: no {file} could be read from '{repo}' ({type(error).__name__}); weights are "
                              "read with safetensors only (no pickle)") from None

@@ -64,6 +64,10 @@ class Reporter:
     def finish(self, history: list[dict]) -> None:
         if self.accelerator.is_main_process:
             write_loss_curve(history, self.stream_names, Path(self.config.output_dir) / "loss_curve.png")
+        # Every process past its last collective (the adapter's gather, rank 0's writes) before the process group
+        # goes: a gloo group torn down under a peer's pending work aborts that peer at exit ("terminate called
+        # without an active exception").
+        self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         self.tracking = False
 

@@ -162,3 +162,50 @@ def test_a_base_model_value_that_does_not_fit_is_one_error_naming_it(adapter, lm
     bad = rewrite(adapter, tmp_path / "bad.safetensors", base_model=base)
     err = refused(bad, capsys)
     assert "error:" in err and re.search(message, err), err
+
+
+TINY_TIMM = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+def test_a_pretrained_timm_tower_is_built_from_the_hubs_safetensors_file_only(monkeypatch, tmp_path,
+                                                                              torch_load_raises):
+    import huggingface_hub
+    from safetensors.torch import save_file
+
+    from peft_vlm.model.vision_towers import TimmVisionTower
+
+    random_tower = TimmVisionTower("vit_small_patch14_dinov2", seed=1, **TINY_TIMM)
+    weights = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in random_tower.model.state_dict().items()}, str(weights))
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, file: calls.append((repo, file)) or
+                        str(weights))
+    tower = TimmVisionTower("vit_small_patch14_dinov2", pretrained=True, seed=2, **TINY_TIMM)
+    assert calls == [("timm/vit_small_patch14_dinov2.lvd142m", "model.safetensors")] and torch_load_raises == []
+    loaded, expected = tower.model.state_dict(), random_tower.model.state_dict()
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in loaded)
+
+
+@pytest.mark.parametrize("name, hub_id, message", [
+    ("vit_small_patch14_dinov2", None, "timm has no hub weights for it"),
+    ("vit_small_patch14_dinov2", "org/pickled-only", "no model.safetensors could be read from 'org/pickled-only'"),
+    ("hf-hub:org/pickled-only", None, "no model.safetensors could be read from 'org/pickled-only'"),
+])
+def test_a_timm_tower_whose_weights_are_not_safetensors_is_refused_before_timm_loads(
+        monkeypatch, name, hub_id, message, torch_load_raises):
+    import huggingface_hub
+    import timm
+    from huggingface_hub.errors import EntryNotFoundError
+
+    config = timm.models.get_pretrained_cfg("vit_small_patch14_dinov2")
+    config.hf_hub_id = hub_id
+
+    def missing(repo, file):
+        raise EntryNotFoundError(f"{file} is not in {repo}")
+
+    monkeypatch.setattr(timm.models, "get_pretrained_cfg", lambda name: config)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", missing)
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("timm would have looked for weights"))
+    with pytest.raises(pv.ModelLoadError, match=f"'timm:{re.escape(name)}' \\(pretrained\\): {message}"):
+        build_vision_tower(f"timm:{name}", pretrained=True, **TINY_TIMM)
+    assert torch_load_raises == []
