@@ -6,7 +6,8 @@ vocabulary of the frozen language model.
 
 Special-token text a user types (`</s>`, `<|im_start|>`, ...) stays text: `as_typed` marks it in user and system
 turns before the chat template renders them, and `tokenize_with_images` tokenizes what is marked with the tokenizer's
-`split_special_tokens`, so a prompt cannot end its turn early or open a new one.
+`split_special_tokens`, so a prompt cannot end its turn early or open a new one. A wrapped transformers VLM's
+processor tokenizes the whole text itself, so there `joined_inside` breaks such strings with an invisible character.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ IMAGE_TOKEN_ID = -200  # never a real token id; replaced by visual tokens before
 IGNORE_INDEX = -100  # label of positions that carry no loss
 TYPED_OPEN, TYPED_CLOSE = "\ue000", "\ue001"  # private-use characters around special-token text a user typed
 _TYPED = re.compile(f"[{TYPED_OPEN}{TYPED_CLOSE}]")
+WORD_JOINER = "\u2060"
 
 # Used when the tokenizer has no chat template of its own (documented in the README).
 BUILTIN_TEMPLATE = "USER: {prompt}\nASSISTANT:"
@@ -39,10 +41,26 @@ def with_placeholders(prompt: str, num_images: int) -> str:
     return prompt
 
 
+def special_token_strings(tokenizer) -> set[str]:
+    """The strings the tokenizer reads as one special token wherever they stand in a text."""
+    specials = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    return specials | set(tokenizer.all_special_tokens)
+
+
+def joined_inside(text: str, tokens: set[str]) -> str:
+    """`text` with a word joiner (U+2060, invisible) after the first character of each of `tokens` in it, for a
+    wrapped model's processor: it expands its image token in the text before its tokenizer reads special tokens,
+    so what a user typed must not spell either; the text reads the same."""
+    tokens = {token for token in tokens if len(token) > 1}
+    if not tokens:
+        return text
+    pattern = "|".join(re.escape(token) for token in sorted(tokens, key=len, reverse=True))
+    return re.sub(pattern, lambda match: match.group()[0] + WORD_JOINER + match.group()[1:], text)
+
+
 def as_typed(tokenizer, text: str) -> str:
     """`text` (a user's) with each special token string in it marked, to be tokenized as the characters it is."""
-    specials = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
-    specials |= set(tokenizer.all_special_tokens)
+    specials = special_token_strings(tokenizer)
     text = _TYPED.sub("", text)
     if not specials:
         return text

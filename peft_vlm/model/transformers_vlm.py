@@ -115,6 +115,12 @@ class TransformersVLM(VisionLanguageModule):
         self.tokenizer.padding_side = "left"  # batched generation continues every row at its end
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        from peft_vlm.data.prompting import special_token_strings
+
+        # what typed text must not spell: the tokenizer's special tokens and the processor's own (its image token,
+        # which it expands in the text before tokenizing)
+        self.typed_specials = special_token_strings(self.tokenizer) | {
+            value for key, value in vars(processor).items() if key.endswith("_token") and isinstance(value, str)}
         self.use_chat_template = use_chat_template
         self.image_token_id = int(model.config.image_token_id)
         self.connector_name = f"transformers:{model_type}"
@@ -203,6 +209,14 @@ class TransformersVLM(VisionLanguageModule):
             )
         return image_token * images + prompt
 
+    def as_typed(self, text: str) -> str:
+        """A user's text for the processor: `<image>` placeholders dropped (the processor lays out the images) and
+        special-token strings typed in it broken by an invisible word joiner, so that they stay text: they cannot
+        add image slots, end the turn or open a new one."""
+        from peft_vlm.data.prompting import IMAGE_PLACEHOLDER, joined_inside
+
+        return joined_inside(text.replace(IMAGE_PLACEHOLDER, ""), self.typed_specials)
+
     def tokenize(
         self,
         prompts: Sequence[str],
@@ -213,6 +227,7 @@ class TransformersVLM(VisionLanguageModule):
         """Batch inputs through the model's own processor. `images[i]` is None, one image or a list for prompt i;
         with `answers`, labels cover the answers (and the end-of-sequence token) only."""
         chat = self.use_chat_template if chat is None else chat
+        prompts = [self.as_typed(prompt) for prompt in prompts]
         per_prompt = [_as_list(images[i] if images is not None else None) for i in range(len(prompts))]
         texts = [self.prompt_text(p, len(own), chat) for p, own in zip(prompts, per_prompt)]
         batch_images = per_prompt if self.family.images_per_text else [image for own in per_prompt for image in own]
@@ -238,14 +253,14 @@ class TransformersVLM(VisionLanguageModule):
         when a turn's tokens are not a prefix of the whole conversation's (the labels would be misplaced)."""
         from peft_vlm.data.prompting import IMAGE_PLACEHOLDER
 
-        def content(text: str) -> list[dict]:
+        def content(text: str, typed: bool) -> list[dict]:
             parts = []
             for index, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
-                parts += [{"type": "image"}] * bool(index) + ([{"type": "text", "text": piece.strip()}]
-                                                               if piece.strip() else [])
+                piece = self.as_typed(piece).strip() if typed else piece.strip()
+                parts += [{"type": "image"}] * bool(index) + ([{"type": "text", "text": piece}] if piece else [])
             return parts
 
-        chat = [{"role": m["role"], "content": content(m["content"])} for m in messages]
+        chat = [{"role": m["role"], "content": content(m["content"], m["role"] == "user")} for m in messages]
         counts = [sum(part["type"] == "image" for m in chat[:end] for part in m["content"]) for end in
                   range(len(chat) + 1)]
 

@@ -35,3 +35,43 @@ def test_training_answers_keep_their_labels_when_the_question_holds_typed_specia
     answer = [i for i, label in zip(encoded["input_ids"], encoded["labels"]) if label != -100]
     assert tokenizer.decode(answer, skip_special_tokens=True).strip() == "Red."
     assert encoded["input_ids"].count(tokenizer.eos_token_id) == 2  # the user's turn end and the answer's
+
+
+# -- wrapped transformers VLMs: their processor reads the whole text, its image token included --------------------
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl", "idefics3", "paligemma", "gemma3"])
+def wrapped_vlm(request):
+    from tiny_transformers_vlms import wrapped
+
+    return wrapped(request.param)
+
+
+def typed_prompt(model) -> str:
+    """A question that spells every string the model's tokenizer or processor reads as a token of its own."""
+    return "What is it? " + " ".join(sorted(model.typed_specials - {""})) + " A dog."
+
+
+def test_special_tokens_typed_to_a_wrapped_vlm_stay_text_and_add_no_image_slot(wrapped_vlm):
+    from tiny_transformers_vlms import pictures
+
+    model = wrapped_vlm
+    typed, plain = (model.tokenize([prompt], images=[pictures(1)])["input_ids"][0].tolist()
+                    for prompt in (typed_prompt(model), "What is it? A dog."))
+    specials = {model.tokenizer.convert_tokens_to_ids(token) for token in model.typed_specials}
+    assert [i for i in typed if i in specials] == [i for i in plain if i in specials]  # the layout's own only
+    assert typed.count(model.image_token_id) == plain.count(model.image_token_id) > 0
+    # the rest reads as typed; `<image>`, the data format's placeholder, is dropped (the processor places the image)
+    assert typed_prompt(model).replace("<image>", "") in model.tokenizer.decode(typed).replace("\u2060", "")
+
+
+def test_a_wrapped_vlm_trains_on_a_question_with_typed_special_tokens_with_the_answer_labelled(wrapped_vlm):
+    from tiny_transformers_vlms import pictures
+
+    model = wrapped_vlm
+    encoder = model.sample_encoder()
+    question = "<image>\n" + typed_prompt(model).replace("<image>", "")
+    example = encoder({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": "Red."}],
+                       "images": pictures(1)})
+    labelled = example["labels"][0][example["labels"][0] != -100]
+    assert model.tokenizer.decode(labelled, skip_special_tokens=True).strip() == "Red."
+    assert (example["input_ids"][0] == model.image_token_id).sum() == (
+        model.tokenize(["Hi"], images=[pictures(1)])["input_ids"][0] == model.image_token_id).sum()
