@@ -1,6 +1,7 @@
 """JointTrainer: disjoint parameter groups, exact resume after a kill, DDP and FSDP2 equal to one process."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,8 +27,9 @@ def run_script(output, *args, processes=1, wait=True):
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
                 if processes > 1 else [sys.executable])
     command = [*launcher, str(SCRIPT), str(output), *map(str, args)]
-    if not wait:
-        return subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if not wait:  # in a session of its own, so that a signal can go to its whole process group, as a terminal's does
+        return subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True)
     completed = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads((Path(output) / "history.json").read_text())
@@ -103,15 +105,18 @@ def test_non_finite_losses_are_skipped_and_too_many_stop_with_a_checkpoint(joint
     assert (tmp_path / "checkpoints" / "step-0000003" / "adapter.safetensors").is_file()
 
 
-def test_a_killed_run_resumes_exactly(tmp_path):
-    uninterrupted = run_script(tmp_path / "full", "--max-steps", 10)
-    process = run_script(tmp_path / "killed", "--max-steps", 10, "--sample-delay", 0.2, wait=False)
-    checkpoints = tmp_path / "killed" / "checkpoints"
+def wait_for_checkpoint(process, checkpoints, name):
     deadline = time.time() + 120
-    while not (checkpoints.is_dir() and any(p.name == "step-0000004" for p in checkpoints.iterdir())):
+    while not (checkpoints.is_dir() and any(p.name == name for p in checkpoints.iterdir())):
         assert process.poll() is None, process.stderr.read().decode()[-2000:]
         assert time.time() < deadline
         time.sleep(0.05)
+
+
+def test_a_killed_run_resumes_exactly(tmp_path):
+    uninterrupted = run_script(tmp_path / "full", "--max-steps", 10)
+    process = run_script(tmp_path / "killed", "--max-steps", 10, "--sample-delay", 0.2, wait=False)
+    wait_for_checkpoint(process, tmp_path / "killed" / "checkpoints", "step-0000004")
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (tmp_path / "killed" / "history.json").exists(), "the run finished before it could be killed"
@@ -120,6 +125,22 @@ def test_a_killed_run_resumes_exactly(tmp_path):
     full = load_file(str(tmp_path / "full" / "adapter.safetensors"))
     again = load_file(str(tmp_path / "killed" / "adapter.safetensors"))
     assert all(torch.equal(full[n], again[n]) for n in full)
+
+
+def test_ctrl_c_under_torchrun_stops_every_process_at_one_step_with_a_checkpoint_and_the_rerun_resumes_exactly(
+        tmp_path):
+    common = ["--max-steps", 8, "--checkpoint-every", 2]
+    uninterrupted = run_script(tmp_path / "full", *common, processes=2)
+    process = run_script(tmp_path / "stopped", *common, "--sample-delay", 0.2, processes=2, wait=False)
+    checkpoints = tmp_path / "stopped" / "checkpoints"
+    wait_for_checkpoint(process, checkpoints, "step-0000002")
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in a terminal: SIGINT to the launcher's process group
+    assert process.wait(timeout=120) != 0
+    stopped_at = re.findall(r"stopped by SIGINT after step (\d+)", process.stderr.read().decode())
+    assert len(stopped_at) == 2 and len(set(stopped_at)) == 1, stopped_at  # both ranks, at the same step
+    assert 2 < int(stopped_at[0]) < 8 and (checkpoints / f"step-{int(stopped_at[0]):07d}").is_dir()
+    resumed = run_script(tmp_path / "stopped", *common, processes=2)
+    assert [h["loss"] for h in resumed] == [h["loss"] for h in uninterrupted]
 
 
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp2"])
