@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("all", "color", "shape", "yes/no")
 FIGURE = Path(__file__).parent / "figures" / "compare_methods.png"
+RESULTS = Path(__file__).parent / "RESULTS.md"
 
 # name -> recipe, each as its paper trains and answers
 METHODS = {
@@ -107,10 +108,33 @@ def table(rows: list[dict]) -> str:
             continue
         acc = " | ".join(f"{100 * r['accuracy'][k]:.1f}" for k in KINDS)
         grey = " / ".join(f"{100 * r['grey_image'][k]:.1f}" for k in KINDS)
-        lines.append(f"| {r['method']} | {r['passes']} | {r['steps']} | {r['seeds']} | {acc} | {grey} | "
+        name = r["method"] + (" *" if r.get("carried") else "")
+        lines.append(f"| {name} | {r['passes']} | {r['steps']} | {r['seeds']} | {acc} | {grey} | "
                      f"{'yes' if passes_bar(r) else 'no'} | {r['train_minutes']:.1f} | "
                      f"{r['trainable_parameters']:,} | {r['adapter_bytes'] / 1e6:.2f} |")
     return "\n".join(lines)
+
+
+def recorded_rows(results: Path = RESULTS) -> dict[str, dict]:
+    """The rows of the newest method-comparison table in RESULTS.md, by method, as `summary` gives them (`carried`
+    marks them): what `--resume` shows for a method none of whose runs is on disk."""
+    text = results.read_text() if results.is_file() else ""
+    section = text.rsplit("## Method comparison", 1)[-1] if "## Method comparison" in text else ""
+    rows = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 13 or not cells[1].isdigit():
+            continue
+        name, passes, steps, seeds, *accuracy = cells[:8]
+        name = name.removesuffix(" *")
+        grey = [float(value) / 100 for value in cells[8].split(" / ")]
+        rows[name] = {
+            "method": name, "seeds": int(seeds), "steps": int(steps), "passes": int(passes), "carried": True,
+            "accuracy": {k: float(v) / 100 for k, v in zip(KINDS, accuracy)}, "grey_image": dict(zip(KINDS, grey)),
+            "train_minutes": float(cells[10]), "trainable_parameters": int(cells[11].replace(",", "")),
+            "adapter_bytes": float(cells[12]) * 1e6,
+        }
+    return rows
 
 
 def chart(rows: list[dict], path: Path = FIGURE) -> Path:
@@ -153,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=2000, help="evaluation questions (evenly spaced, test split)")
     parser.add_argument("--out", default="out/bench_compare_methods")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each on cpu_count / jobs threads)")
-    parser.add_argument("--resume", action="store_true", help="keep the metrics of runs that finished before")
+    parser.add_argument("--resume", action="store_true", help="keep the metrics of runs that finished before (a "
+                                                                 "method with none on disk keeps its recorded row)")
     parser.add_argument("--max-minutes", type=float, default=30,
                         help="training budget per run; a run is stopped at twice this (training and evaluation)")
     parser.add_argument("--no-record", action="store_true", help="print the table; write neither RESULTS.md nor "
@@ -173,11 +198,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}, seed {seed}: {result.get('error', 'done')} ({time.time() - start:.0f} s)", flush=True)
         return result
 
-    jobs = [(name, seed) for name in chosen for seed in seeds]
+    # with --resume, a method none of whose runs is on disk keeps the figures of the newest recorded table
+    carried = {name: row for name, row in recorded_rows().items() if name in chosen and args.resume and not any(
+        (Path(args.out) / slug(name) / f"seed-{seed}" / "metrics.json").is_file() for seed in seeds)}
+    jobs = [(name, seed) for name in chosen if name not in carried for seed in seeds]
     with ThreadPoolExecutor(args.jobs) as pool:
         results = dict(zip(jobs, pool.map(measure, jobs)))
-    rows = [summary(name, [results[(name, seed)] for seed in seeds]) for name in chosen]
+    rows = [carried.get(name) or summary(name, [results[(name, seed)] for seed in seeds]) for name in chosen]
     text = table(rows)
+    if carried:
+        text += ("\n\n\\* not trained in this run: the figures of the previous entry (`--resume` found none of "
+                 "its runs on disk)")
     print(text)
     if args.no_record:
         return
@@ -191,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         f"accuracy on {args.limit} evenly spaced easy-VQA test questions (%), the minimum over seeds, and the median "
         f"with a neutral grey image; picture: `benchmarks/figures/compare_methods.png`.\n\n{text}\n"
     )
-    with open(Path(__file__).parent / "RESULTS.md", "a") as results_file:
+    with open(RESULTS, "a") as results_file:
         results_file.write(entry)
 
 

@@ -94,6 +94,15 @@ def test_method_comparison_takes_the_minimum_over_seeds_and_draws_every_method(b
     assert set(bench.METHODS.values()) <= {str(p.relative_to(BENCHMARKS.parent))
                                            for p in (BENCHMARKS.parent / "recipes").rglob("*.yaml")}
     assert bench.chart([one_pass, two_pass, failed], tmp_path / "chart.png").stat().st_size > 10_000
+    # a recorded table reads back as the rows it shows (what --resume carries for a method with no runs on disk)
+    results = tmp_path / "RESULTS.md"
+    results.write_text(f"## Method comparison (old)\n\n{bench.table([failed])}\n\n## Method comparison (new)\n\n"
+                       + bench.table([one_pass, dict(two_pass, carried=True), failed]))
+    recorded = bench.recorded_rows(results)
+    assert list(recorded) == ["LLaVA", "V2"] and recorded["V2"]["carried"]
+    assert recorded["LLaVA"]["accuracy"] == pytest.approx(one_pass["accuracy"])
+    assert recorded["LLaVA"]["grey_image"] == pytest.approx(one_pass["grey_image"])
+    assert bench.table([recorded["LLaVA"]]).splitlines()[2] == printed.splitlines()[2].replace("LLaVA", "LLaVA *")
 
 
 def test_packing_benchmark_prints_the_pad_share_each_way_without_recording(benchmarks, capsys):
