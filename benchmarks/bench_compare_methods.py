@@ -9,7 +9,9 @@ describe-then-answer for V2 (its expert-context section). Each (method, seed) ru
 process and leaves its `metrics.json`. The table gives, per method, the minimum over seeds of each accuracy (2,000
 evenly spaced test questions), the grey-image figures beside it, steps, training time, trainable parameters, adapter
 size and the number of passes; `benchmarks/figures/compare_methods.png` draws the same as grouped bars. The table is
-appended to benchmarks/RESULTS.md with the command, the machine and the date.
+appended to benchmarks/RESULTS.md with the command, the machine and the date. With `--resume`, runs whose
+`metrics.json` is on disk are read back, and a method with none of its runs on disk keeps its row of the newest
+recorded table (marked `*`), so one method can be measured again without training the others.
 """
 from __future__ import annotations
 
