@@ -126,3 +126,16 @@ def test_vision_cache_benchmark_times_the_step_without_and_with_every_image_a_hi
     assert {"without", "with", "tower"} <= set(seconds) and all(seconds[k] > 0 for k in ("without", "with", "tower"))
     assert seconds["hits"] == 2  # the timed step: both images read from the cache the first step filled
     assert model.vision_feature_cache is None and len(list((tmp_path / "features").rglob("*.safetensors"))) == 2
+
+
+def test_connector_signal_probe_reads_a_linearly_encoded_label_and_the_share_tells_constant_from_varied(benchmarks):
+    bench = benchmarks("bench_connector_signal")
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (300,), generator=generator)
+    constant = torch.randn(1, 8, 16, generator=generator).expand(300, -1, -1)
+    signal = torch.nn.functional.one_hot(labels, 16).float()[:, None, :] * 0.01  # 1% of the output carries it
+    assert bench.probe((constant + signal).flatten(1), labels, fit=200) > 0.95
+    assert bench.probe(constant.flatten(1) + torch.randn(300, 128, generator=generator), labels, fit=200) < 0.5
+    assert bench.image_share(constant) == pytest.approx(0.0, abs=1e-6)
+    assert 0 < bench.image_share(constant + signal) < 1e-3
+    assert bench.image_share(torch.randn(300, 8, 16, generator=generator)) == pytest.approx(1.0, abs=0.05)
