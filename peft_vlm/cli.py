@@ -291,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     except PeftVlmError as error:
         print(f"peft-vlm {arguments.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which stops with a checkpoint instead)
+        print(f"peft-vlm {arguments.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

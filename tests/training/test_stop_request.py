@@ -58,3 +58,16 @@ def test_a_second_ctrl_c_stops_at_once():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.parametrize("command", [["generate", "adapter.safetensors", "--prompt", "Hi"],
+                                     ["eval", "adapter.safetensors"], ["train", "recipe.yaml"]])
+def test_ctrl_c_outside_a_training_loop_stops_the_command_with_one_line(monkeypatch, capsys, command):
+    from peft_vlm import cli
+
+    def interrupted(arguments):  # Ctrl-C while a model loads, a tower pretrains or questions are answered
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, {"generate": "_generate", "eval": "_eval", "train": "_train"}[command[0]], interrupted)
+    assert cli.main(command) == 130
+    assert capsys.readouterr().err == f"peft-vlm {command[0]}: interrupted\n"
