@@ -47,15 +47,22 @@ def special_token_strings(tokenizer) -> set[str]:
     return specials | set(tokenizer.all_special_tokens)
 
 
-def joined_inside(text: str, tokens: set[str]) -> str:
-    """`text` with a word joiner (U+2060, invisible) after the first character of each of `tokens` in it, for a
-    wrapped model's processor: it expands its image token in the text before its tokenizer reads special tokens,
-    so what a user typed must not spell either; the text reads the same."""
+def token_pattern(tokens: set[str]) -> re.Pattern | None:
+    """One pattern matching any of `tokens` of two characters or more, longest first (None when there are none):
+    built once per model, since a tokenizer may hold thousands of special tokens."""
     tokens = {token for token in tokens if len(token) > 1}
     if not tokens:
+        return None
+    return re.compile("|".join(re.escape(token) for token in sorted(tokens, key=len, reverse=True)))
+
+
+def joined_inside(text: str, pattern: re.Pattern | None) -> str:
+    """`text` with a word joiner (U+2060, invisible) after the first character of each match of `pattern`
+    (`token_pattern`), for a wrapped model's processor: it expands its image token in the text before its tokenizer
+    reads special tokens, so what a user typed must not spell either; the text reads the same."""
+    if pattern is None:
         return text
-    pattern = "|".join(re.escape(token) for token in sorted(tokens, key=len, reverse=True))
-    return re.sub(pattern, lambda match: match.group()[0] + WORD_JOINER + match.group()[1:], text)
+    return pattern.sub(lambda match: match.group()[0] + WORD_JOINER + match.group()[1:], text)
 
 
 def as_typed(tokenizer, text: str) -> str:

@@ -115,12 +115,13 @@ class TransformersVLM(VisionLanguageModule):
         self.tokenizer.padding_side = "left"  # batched generation continues every row at its end
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        from peft_vlm.data.prompting import special_token_strings
+        from peft_vlm.data.prompting import special_token_strings, token_pattern
 
         # what typed text must not spell: the tokenizer's special tokens and the processor's own (its image token,
         # which it expands in the text before tokenizing)
         self.typed_specials = special_token_strings(self.tokenizer) | {
             value for key, value in vars(processor).items() if key.endswith("_token") and isinstance(value, str)}
+        self._typed_pattern = token_pattern(self.typed_specials)
         self.use_chat_template = use_chat_template
         self.image_token_id = int(model.config.image_token_id)
         self.connector_name = f"transformers:{model_type}"
@@ -215,7 +216,7 @@ class TransformersVLM(VisionLanguageModule):
         add image slots, end the turn or open a new one."""
         from peft_vlm.data.prompting import IMAGE_PLACEHOLDER, joined_inside
 
-        return joined_inside(text.replace(IMAGE_PLACEHOLDER, ""), self.typed_specials)
+        return joined_inside(text.replace(IMAGE_PLACEHOLDER, ""), self._typed_pattern)
 
     def tokenize(
         self,
