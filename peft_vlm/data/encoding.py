@@ -24,9 +24,10 @@ from peft_vlm.data.prompting import (
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
     IMAGE_TOKEN_ID,
-    as_typed,
     conversation_segments,
+    marked_as_typed,
     tokenize_with_images,
+    typed_pattern,
     with_placeholders,
 )
 
@@ -48,6 +49,7 @@ class SampleEncoder:
         self.use_chat_template = use_chat_template
         self.check_alignment = check_alignment
         self.image_boundaries = image_boundaries
+        self.typed = typed_pattern(tokenizer)  # what a user types that the tokenizer would read as special tokens
 
     @classmethod
     def for_model(cls, model, resize: str | None = None, max_length: int | None = None, **options) -> "SampleEncoder":
@@ -86,7 +88,7 @@ class SampleEncoder:
         sample is a prompt (no answer needed) and ends with the generation prompt; it is not truncated."""
         source = str(sample.get("source", "sample"))
         messages = _checked_messages(sample, source, needs_answer=not generation)
-        messages = [m if m["role"] == "assistant" else {**m, "content": as_typed(self.tokenizer, m["content"])}
+        messages = [m if m["role"] == "assistant" else {**m, "content": marked_as_typed(m["content"], self.typed)}
                     for m in messages]
         try:
             segments = conversation_segments(self.tokenizer, messages, self.use_chat_template, generation)

@@ -4,7 +4,7 @@ Images enter a prompt at a placeholder string (`<image>`). The text around each 
 and the placeholder becomes a run of `IMAGE_TOKEN_ID` sentinels, one per visual token, so no token is added to the
 vocabulary of the frozen language model.
 
-Special-token text a user types (`</s>`, `<|im_start|>`, ...) stays text: `as_typed` marks it in user and system
+Special-token text a user types (`</s>`, `<|im_start|>`, ...) stays text: `marked_as_typed` marks it in user and system
 turns before the chat template renders them, and `tokenize_with_images` tokenizes what is marked with the tokenizer's
 `split_special_tokens`, so a prompt cannot end its turn early or open a new one. A wrapped transformers VLM's
 processor tokenizes the whole text itself, so there `joined_inside` breaks such strings with an invisible character.
@@ -47,10 +47,10 @@ def special_token_strings(tokenizer) -> set[str]:
     return specials | set(tokenizer.all_special_tokens)
 
 
-def token_pattern(tokens: set[str]) -> re.Pattern | None:
-    """One pattern matching any of `tokens` of two characters or more, longest first (None when there are none):
-    built once per model, since a tokenizer may hold thousands of special tokens."""
-    tokens = {token for token in tokens if len(token) > 1}
+def token_pattern(tokens: set[str], min_length: int = 2) -> re.Pattern | None:
+    """One pattern matching any of `tokens` of `min_length` characters or more, longest first (None when there are
+    none): built once per model or encoder, since a tokenizer may hold thousands of special tokens."""
+    tokens = {token for token in tokens if len(token) >= min_length}
     if not tokens:
         return None
     return re.compile("|".join(re.escape(token) for token in sorted(tokens, key=len, reverse=True)))
@@ -65,18 +65,22 @@ def joined_inside(text: str, pattern: re.Pattern | None) -> str:
     return pattern.sub(lambda match: match.group()[0] + WORD_JOINER + match.group()[1:], text)
 
 
-def as_typed(tokenizer, text: str) -> str:
-    """`text` (a user's) with each special token string in it marked, to be tokenized as the characters it is."""
-    specials = special_token_strings(tokenizer)
+def typed_pattern(tokenizer) -> re.Pattern | None:
+    """The pattern of every special token string of `tokenizer`, for `marked_as_typed`."""
+    return token_pattern(special_token_strings(tokenizer), min_length=1)
+
+
+def marked_as_typed(text: str, pattern: re.Pattern | None) -> str:
+    """`text` (a user's) with each match of `pattern` (`typed_pattern`) marked, to be tokenized as the characters
+    it is."""
     text = _TYPED.sub("", text)
-    if not specials:
+    if pattern is None:
         return text
-    pattern = "|".join(re.escape(token) for token in sorted(specials, key=len, reverse=True))
-    return re.sub(pattern, lambda match: TYPED_OPEN + match.group() + TYPED_CLOSE, text)
+    return pattern.sub(lambda match: TYPED_OPEN + match.group() + TYPED_CLOSE, text)
 
 
 def _tokenize_text(tokenizer, text: str) -> list[int]:
-    """Token ids of template text, where what `as_typed` marked is tokenized as plain text."""
+    """Token ids of template text, where what `marked_as_typed` marked is tokenized as plain text."""
     ids = []
     for index, part in enumerate(_TYPED.split(text)):  # marked parts are the odd ones
         if part:
