@@ -41,6 +41,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-3
     group_learning_rates: dict[str, float] = field(default_factory=dict)  # e.g. {"vision": 1e-3, "language": 5e-4}
+    # rates by parameter name (fnmatch patterns, the first match wins, over group_learning_rates), e.g.
+    # {"*.gate": 1e-2}: zero-initialised gates at the paper's rate while the matrices keep a small model's rate
+    parameter_learning_rates: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 0.02
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 0
@@ -116,6 +119,8 @@ def _ranges(config: TrainConfig) -> dict[str, tuple[bool, str]]:
         "learning_rate": (config.learning_rate > 0, "a number > 0"),
         "group_learning_rates": (all(v > 0 for v in config.group_learning_rates.values()),
                                  "a mapping of group: rate > 0"),
+        "parameter_learning_rates": (all(v > 0 for v in config.parameter_learning_rates.values()),
+                                     "a mapping of parameter-name pattern: rate > 0"),
         "weight_decay": (config.weight_decay >= 0, "a number >= 0"),
         "betas": (all(0 <= b < 1 for b in config.betas), "two numbers in [0, 1)"),
         "warmup_steps": (config.warmup_steps >= 0, "an integer >= 0"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from typing import Any, Callable
 
 from torch import nn
@@ -100,24 +101,27 @@ def stream_for(streams: dict[str, DataStream], caption_ratio: float, step: int) 
 
 def param_groups(config: TrainConfig, parameters: dict[str, nn.Parameter], group_of: dict[str, str], stream: str,
                  names: list[str]) -> list[dict]:
-    """AdamW parameter groups of one stream, one per (method group, decay): matrices decay, vectors (biases,
-    scales, norms, gates) do not, since decaying a scale or gate would pull the model away from its base."""
-    groups: dict[tuple[str, bool], list[str]] = {}
+    """AdamW parameter groups of one stream, one per (method group, decay, rate): matrices decay, vectors (biases,
+    scales, norms, gates) do not, since decaying a scale or gate would pull the model away from its base. A name
+    that matches a pattern of `parameter_learning_rates` takes that rate, others their group's."""
+    groups: dict[tuple[str, bool, float], list[str]] = {}
     for name in names:
-        groups.setdefault((group_of[name], parameters[name].dim() >= 2), []).append(name)
+        group = group_of[name]
+        rate = next((rate for pattern, rate in config.parameter_learning_rates.items() if fnmatch(name, pattern)),
+                    config.group_learning_rates.get(group, config.learning_rate))
+        groups.setdefault((group, parameters[name].dim() >= 2, rate), []).append(name)
     param_groups = [
         {
             "params": [parameters[n] for n in group_names],
             "names": group_names,
             "weight_decay": config.weight_decay if decay else 0.0,
-            "lr": config.group_learning_rates.get(group, config.learning_rate),
+            "lr": rate,
+            "initial_lr": rate,
             "group": group,
             "stream": stream,
         }
-        for (group, decay), group_names in sorted(groups.items())
+        for (group, decay, rate), group_names in sorted(groups.items())
     ]
-    for param_group in param_groups:
-        param_group["initial_lr"] = param_group["lr"]
     return param_groups
 
 

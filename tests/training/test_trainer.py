@@ -73,6 +73,22 @@ def test_each_group_has_its_own_optimizer_state(joint, tmp_path):
     assert vision == {id(p) for p in model.connector.parameters()}
 
 
+def test_parameter_learning_rates_give_matching_parameters_their_own_rate(joint, tmp_path):
+    model, captions, instructions = joint
+    config = pv.TrainConfig(output_dir=str(tmp_path), max_steps=1, batch_size=2, learning_rate=1e-4, weight_decay=0.0,
+                            parameter_learning_rates={"*layers.0.*lora_B*": 1e-2}, report_to=None, progress_bar=False,
+                            checkpoint_every=0)
+    trainer = pv.JointTrainer(model, config, caption_data=captions, instruction_data=instructions)
+    trainer.model.train()
+    before = group_tensors(model, "language")
+    trainer._train_step(trainer.streams["instruction"])
+    # AdamW's first step moves every parameter with a gradient by its rate (LoRA's A has none while B is zero)
+    moved = {n: (group_tensors(model, "language")[n] - before[n]).abs().max().item() for n in before if "lora_B" in n}
+    first_layer = {n for n in moved if "layers.0." in n}
+    assert first_layer and len(first_layer) < len(moved)
+    assert all(moved[n] == pytest.approx(1e-2 if n in first_layer else 1e-4, rel=0.05) for n in moved)
+
+
 def test_caption_ratio_spreads_caption_steps_evenly(joint, tmp_path):
     model, captions, instructions = joint
     config = pv.TrainConfig(output_dir=str(tmp_path), caption_ratio=0.25, report_to=None)
@@ -87,6 +103,9 @@ def test_groups_that_overlap_or_match_nothing_are_refused(joint, tmp_path):
         pv.TrainConfig(caption_groups=("vision",), instruction_groups=("vision", "language"))
     config = pv.TrainConfig(output_dir=str(tmp_path), caption_groups=("experts",), report_to=None)
     with pytest.raises(pv.ConfigError, match=r"caption batches train groups \['experts'\]"):
+        pv.JointTrainer(model, config, caption_data=captions, instruction_data=instructions)
+    config = pv.TrainConfig(output_dir=str(tmp_path), parameter_learning_rates={"*.gaet": 1e-2}, report_to=None)
+    with pytest.raises(pv.ConfigError, match=r"pattern\(s\) \['\*.gaet'\] match no trainable parameter"):
         pv.JointTrainer(model, config, caption_data=captions, instruction_data=instructions)
 
 
