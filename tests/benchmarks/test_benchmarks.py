@@ -86,6 +86,10 @@ def test_method_comparison_takes_the_minimum_over_seeds_and_draws_every_method(b
     one_pass = bench.summary("LLaVA", [run(0.97, {"describe_first": False}), run(0.88, {"describe_first": False})])
     two_pass = bench.summary("V2", [run(0.99, {"describe_first": True})])
     failed = bench.summary("Flamingo", [{"error": "exit 1 (see flamingo.log)"}])
+    # one seed passed, the other was stopped: no minimum over both seeds, so no pass
+    half = bench.summary("BLIP-2", [run(0.99, {"describe_first": False}), {"error": "stopped after 60 minutes"}])
+    assert half["seeds"] == 1 and not bench.passes_bar(half)
+    assert "| no (1 run(s) failed: stopped after 60 minutes) |" in bench.table([half])
     assert one_pass["accuracy"]["yes/no"] == 0.88 and one_pass["passes"] == 1 and two_pass["passes"] == 2
     assert not bench.passes_bar(one_pass) and bench.passes_bar(two_pass)
     printed = bench.table([one_pass, two_pass, failed])
