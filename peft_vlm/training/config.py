@@ -42,7 +42,8 @@ class TrainConfig:
     learning_rate: float = 1e-3
     group_learning_rates: dict[str, float] = field(default_factory=dict)  # e.g. {"vision": 1e-3, "language": 5e-4}
     # rates by parameter name (fnmatch patterns, the first match wins, over group_learning_rates), e.g.
-    # {"*.gate": 1e-2}: zero-initialised gates at the paper's rate while the matrices keep a small model's rate
+    # {"*early_fusion.gate": 9e-3}: a zero-initialised gate at the paper's rate while the matrices keep a small
+    # model's rate
     parameter_learning_rates: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 0.02
     betas: tuple[float, float] = (0.9, 0.95)

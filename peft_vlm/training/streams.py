@@ -53,7 +53,11 @@ class DataStream:
 
 def make_streams(config: TrainConfig, group_of: dict[str, str], caption_data, instruction_data, data):
     """(streams by name, trained parameter names by stream) for the datasets given; refuses a stream whose groups
-    hold none of the model's trainable parameters."""
+    hold none of the model's trainable parameters, and a `parameter_learning_rates` pattern that matches none."""
+    unmatched = [p for p in config.parameter_learning_rates if not any(fnmatch(n, p) for n in group_of)]
+    if unmatched:
+        raise ConfigError(f"TrainConfig: parameter_learning_rates pattern(s) {unmatched} match no trainable "
+                          f"parameter (e.g. {next(iter(group_of))!r})")
     if data is not None and (caption_data is not None or instruction_data is not None):
         raise ConfigError("pass either data= (one group) or caption_data=/instruction_data= (joint), not both")
     all_groups = tuple(sorted(set(group_of.values())))

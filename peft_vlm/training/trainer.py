@@ -19,7 +19,6 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Callable
 
@@ -120,10 +119,6 @@ class JointTrainer:
         if not tracked:
             raise ConfigError("the model has nothing to train: apply a method first (pv.apply)")
         self.group_of = {name: group for name, (_, _, group) in tracked.items()}
-        unmatched = [p for p in config.parameter_learning_rates if not any(fnmatch(n, p) for n in tracked)]
-        if unmatched:
-            raise ConfigError(f"TrainConfig: parameter_learning_rates pattern(s) {unmatched} match no trainable "
-                              f"parameter (e.g. {next(iter(tracked))!r})")
         self.streams, self.names_by_stream = make_streams(config, self.group_of, caption_data, instruction_data, data)
         warn_untrained_groups(self.group_of, self.streams, config)
         self.trained_names = sorted(tracked)
