@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from peft_vlm.errors import ConfigError
 from peft_vlm.methods.registry import Method, register
-from peft_vlm.runtime.lm_layers import hidden_dtype, hidden_size, layer_device
+from peft_vlm.runtime.lm_layers import decoder_layers, hidden_dtype, hidden_size, layer_device
 from peft_vlm.runtime.token_context import IMAGE
 from peft_vlm.runtime.tracking import state_of
 
@@ -116,15 +116,6 @@ class GatedCrossAttentionBlock(nn.Module):
         if self.context.visual.visual_tokens is not None:
             x = x + torch.tanh(self.attention_gate) * self.cross_attention(x)  # eq. (1): y = y + tanh(a) xattn(y, x)
         return x + torch.tanh(self.feed_forward_gate) * self.feed_forward(x)  # y = y + tanh(b) ffw(y)
-
-
-def decoder_layers(language_model: nn.Module) -> list[nn.Module]:
-    """The decoder layers (modules holding a layer's self-attention), lowest first."""
-    layers = [
-        m for m in language_model.modules()
-        if isinstance(getattr(getattr(m, "self_attn", None), "layer_idx", None), int)
-    ]
-    return sorted(layers, key=lambda m: m.self_attn.layer_idx)
 
 
 def _run_before(layer: nn.Module, block: GatedCrossAttentionBlock) -> None:

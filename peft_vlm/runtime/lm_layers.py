@@ -25,3 +25,12 @@ def hidden_dtype(language_model: nn.Module) -> torch.dtype:
 
 def layer_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
+
+
+def decoder_layers(language_model: nn.Module) -> list[nn.Module]:
+    """The decoder layers (modules holding a layer's self-attention), lowest first."""
+    layers = [
+        m for m in language_model.modules()
+        if isinstance(getattr(getattr(m, "self_attn", None), "layer_idx", None), int)
+    ]
+    return sorted(layers, key=lambda m: m.self_attn.layer_idx)

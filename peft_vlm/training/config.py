@@ -63,6 +63,9 @@ class TrainConfig:
     # training, so that autocast does not cast them again in every forward (the same matmul operands, so the same
     # losses; training/frozen_weights.py)
     frozen_linears_in_bf16: bool = False
+    # torch.compile each decoder layer's forward for the run (training/compiled_layers.py): fuses a CPU step's
+    # norms and elementwise work; minutes of compiling at the first steps, so for runs of many steps
+    compile_layers: bool = False
     gradient_checkpointing: bool = False
     sharding: str = "ddp"  # "ddp" or "fsdp2" (parameters sharded over processes)
     seed: int = 0
@@ -92,6 +95,9 @@ class TrainConfig:
         if self.frozen_linears_in_bf16 and (self.mixed_precision not in BF16_CHOICES or self.sharding != "ddp"):
             raise ConfigError("TrainConfig: frozen_linears_in_bf16=True needs mixed_precision='bf16' or "
                               f"'bf16-native' and sharding='ddp' (got {self.mixed_precision!r}, {self.sharding!r})")
+        if self.compile_layers and self.sharding != "ddp":
+            raise ConfigError(f"TrainConfig: compile_layers=True is for single-process and DDP runs "
+                              f"(got sharding={self.sharding!r})")
         overlap = set(self.caption_groups) & set(self.instruction_groups)
         if overlap:
             raise ConfigError(f"caption_groups and instruction_groups must be disjoint; both have {sorted(overlap)}")

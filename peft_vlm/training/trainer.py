@@ -36,6 +36,7 @@ from peft_vlm.runtime.tracking import named_tracked_parameters
 from peft_vlm.training import checkpoint as ckpt
 from peft_vlm.training import deepspeed as ds
 from peft_vlm.training.accelerate_backend import AccelerateBackend
+from peft_vlm.training.compiled_layers import compiled_decoder_layers, eagerly
 from peft_vlm.training.config import TrainConfig
 from peft_vlm.training.frozen_weights import frozen_linear_weights_in
 from peft_vlm.training.preflight import check_output_dir, refuse_merged
@@ -128,6 +129,8 @@ class JointTrainer:
         if config.frozen_linears_in_bf16 and ds.requested():
             raise ConfigError("TrainConfig: frozen_linears_in_bf16=True is for single-process and DDP runs; "
                               "DeepSpeed keeps its own copies of the weights")
+        if config.compile_layers and ds.requested():
+            raise ConfigError("TrainConfig: compile_layers=True is for single-process and DDP runs, not DeepSpeed")
         self.backend = ds.DeepSpeedBackend(config) if ds.requested() else AccelerateBackend(config)
         self.accelerator = self.backend.accelerator
         self.vision_cache = cache_for_run(model, config, self.streams, self.accelerator.num_processes,
@@ -254,7 +257,8 @@ class JointTrainer:
         self.model.train()
         bf16 = self.accelerator.mixed_precision == "bf16"
         frozen_dtype = torch.bfloat16 if config.frozen_linears_in_bf16 and bf16 else None
-        with frozen_linear_weights_in(self.unwrapped, frozen_dtype), StopRequest() as stop:
+        with (frozen_linear_weights_in(self.unwrapped, frozen_dtype),
+              compiled_decoder_layers(self.unwrapped, config.compile_layers), StopRequest() as stop):
             self._train_loop(config, reporter, stop)
         if self.vision_cache is not None:
             log.info(self.vision_cache.summary())
@@ -305,8 +309,9 @@ class JointTrainer:
         mode is undone, so a run with callbacks trains exactly like one without."""
         rng_tensors, rng_python = ckpt.rng_state()
         try:
-            for callback in self.callbacks:
-                callback(self, self.step)
+            with eagerly(self.config.compile_layers):
+                for callback in self.callbacks:
+                    callback(self, self.step)
         finally:
             ckpt.set_rng_state(rng_tensors, rng_python)
             self.model.train()
