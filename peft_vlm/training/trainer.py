@@ -233,7 +233,8 @@ class JointTrainer:
                 f"{stream.name} data", TOO_MANY_SKIPPED, "another process skipped too many bad rows")
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(**{k: v.to(self.accelerator.device) for k, v in batch.items()}).loss
+        # no key/value cache: a training forward never reads one back (and a compiled layer would recompile on it)
+        return self.model(**{k: v.to(self.accelerator.device) for k, v in batch.items()}, use_cache=False).loss
 
     # -- the run ---------------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -274,11 +275,12 @@ class JointTrainer:
             stream = self.stream_for(self.step)
             tick = time.time()
             metrics = self._train_step(stream)
+            seconds = time.time() - tick
             self.history.append({"step": self.step, "stream": stream.name, "loss": metrics["loss"], "lr": metrics["lr"],
                                  "skipped": metrics["skipped"], "tokens": metrics["tokens"],
-                                 "pad_share": round(metrics["pad_share"], 4)})
+                                 "pad_share": round(metrics["pad_share"], 4), "seconds": round(seconds, 4)})
             self.step += 1
-            reporter.step(self.step, stream.name, metrics, time.time() - tick)
+            reporter.step(self.step, stream.name, metrics, seconds)
             if self.callbacks and accelerator.is_main_process:
                 self._run_callbacks()
             if self.nonfinite_in_row >= config.max_nonfinite_steps:
