@@ -49,6 +49,26 @@ def summary(history: list[dict]) -> dict[str, float]:
     return {"first": seconds[0], "median": statistics.median(seconds[SETTLED:]), "total": sum(seconds)}
 
 
+def compare(eager_history: list[dict], compiled_history: list[dict]) -> tuple[list[str], list[str]]:
+    """The table's lines and the notes: steady speed-up, what compiling cost, when it has paid for itself."""
+    steps = len(eager_history)
+    eager, compiled = summary(eager_history), summary(compiled_history)
+    saving = eager["median"] - compiled["median"]
+    # what the compiled run spent beyond its steady steps (the compile, the recompile for a second length), less
+    # the same for the eager run (its warm-up)
+    overhead = (compiled["total"] - steps * compiled["median"]) - (eager["total"] - steps * eager["median"])
+    paid = f"after {max(0.0, overhead) / saving:.0f} steps" if saving > 0 else "never"
+    rows = [[name, f"{s['first']:.1f}", f"{s['median']:.3f}", f"{s['total']:.0f}"]
+            for name, s in (("eager", eager), ("compiled decoder layers", compiled))]
+    lines = common.table(["variant", "first step (s)", f"median step after {SETTLED} (s)", f"{steps} steps (s)"],
+                         rows)
+    loss_gap = max(abs(a["loss"] - b["loss"]) for a, b in zip(eager_history, compiled_history))
+    notes = [f"- steady step {eager['median'] / compiled['median']:.2f}x faster than the eager one; compiling "
+             f"costs {overhead:.0f} s, paid back {paid}",
+             f"- largest loss difference between the runs over the {steps} steps: {loss_gap:.2e}"]
+    return lines, notes
+
+
 def main(argv=None) -> None:
     parser = common.parser(__doc__.split("\n", 1)[0], steps=80, warmup=0)
     parser.add_argument("--recipe", type=Path, default=RECIPE)
@@ -67,21 +87,8 @@ def main(argv=None) -> None:
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
             output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT, env=env).stdout
         histories[variant] = json.loads(output.strip().splitlines()[-1])
-    eager, compiled = summary(histories["eager"]), summary(histories["compiled"])
-    saving = eager["median"] - compiled["median"]
-    # what the compiled run spent beyond its steady steps (the compile, the recompile for a second length), less
-    # the same for the eager run (its warm-up)
-    overhead = (compiled["total"] - args.steps * compiled["median"]) - (eager["total"] - args.steps * eager["median"])
-    paid = f"{overhead / saving:.0f}" if saving > 0 else "never"
-    rows = [[name, f"{s['first']:.1f}", f"{s['median']:.3f}", f"{s['total']:.0f}"]
-            for name, s in (("eager", eager), ("compiled decoder layers", compiled))]
-    lines = common.table(["variant", "first step (s)", f"median step after {SETTLED} (s)",
-                          f"{args.steps} steps (s)"], rows)
-    loss_gap = max(abs(a["loss"] - b["loss"]) for a, b in zip(histories["eager"], histories["compiled"]))
-    notes = [f"- steady step {eager['median'] / compiled['median']:.2f}x faster than the eager one; compiling "
-             f"costs {overhead:.0f} s, paid back after {paid} steps",
-             f"- largest loss difference between the runs over the {args.steps} steps: {loss_gap:.2e}",
-             f"- load average {start_load} at the start, {common.load_average()} at the end"]
+    lines, notes = compare(histories["eager"], histories["compiled"])
+    notes.append(f"- load average {start_load} at the start, {common.load_average()} at the end")
     common.report("bench_compiled_layers", f"{args.recipe.relative_to(ROOT)}, {args.steps} steps per variant, "
                   f"{args.threads} threads, each variant in its own process", lines, notes, args.device,
                   not args.no_record)
